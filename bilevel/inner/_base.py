@@ -1,0 +1,124 @@
+"""The inner-solver protocol and the one loop that drives every inner solver.
+
+An inner solver is a frozen dataclass with ``init / step / terminate``; the loop
+here runs a *fixed* number of steps (so it traces the same under ``vmap`` and
+``torch.func.grad``), masks the update once ``terminate`` holds, and records
+what happened as tensors: steps applied, gradient norm, loss at the start and
+at the end, and the first step with a NaN/inf. ITD runs this loop on the tape;
+AID, IMAML and ESJ run it without one. Both count steps the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._result import RESULTS, InnerSolution, combine
+from .._tree import Params, tree_norm, tree_where
+
+#: ``grad_fn(params, k) -> (∇_y g, g)`` at inner step ``k``.
+GradFn = Callable[[Params, int], tuple[Params, Tensor]]
+SolverState = tuple[Params, ...]
+
+
+class AbstractInnerSolver:
+    """Base of inner solvers: ``steps`` iterations, optional early stop at ``||∇_y g|| <= tol``.
+
+    Subclasses define :meth:`init` (the solver state from a start, whose first
+    entry is the iterate), :meth:`step` (one pure update from the gradient) and
+    may override :meth:`terminate`.
+    """
+
+    steps: int
+    tol: float | None
+
+    def _check(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"{name}(steps={self.steps!r}): steps must be a non-negative integer.")
+        if self.tol is not None and not (self.tol >= 0):
+            raise ValueError(f"{name}(tol={self.tol!r}): tolerances must be non-negative (or None to run all steps).")
+
+    def init(self, params: Params) -> SolverState:
+        raise NotImplementedError
+
+    def step(self, state: SolverState, grad: Params) -> SolverState:
+        raise NotImplementedError
+
+    def terminate(self, grad_norm: Tensor) -> Tensor:
+        """True once the iterate is accepted (``||∇_y g|| <= tol``)."""
+        return grad_norm <= self.tol
+
+
+class LoopState(NamedTuple):
+    """The inner loop's carry; every field is a tensor or a tuple of trees."""
+
+    solver: SolverState
+    steps: Tensor
+    done: Tensor
+    bad_step: Tensor
+    loss0: Tensor
+    loss: Tensor
+    grad_norm: Tensor
+
+
+def loop_start(solver: AbstractInnerSolver, params0: Params) -> LoopState:
+    like = next(iter(params0.values()))
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    izero = torch.zeros((), dtype=torch.int64, device=like.device)
+    return LoopState(solver.init(params0), izero, torch.zeros((), dtype=torch.bool, device=like.device),
+                     izero - 1, zero, zero, zero)
+
+
+def loop_run(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, start: int, stop: int) -> LoopState:
+    """Run steps ``start .. stop-1``; pure in its inputs."""
+    masked = solver.tol is not None
+    state, steps, done, bad, loss0, loss, gnorm = loop
+    for k in range(start, stop):
+        grad, loss = grad_fn(state[0], k)
+        gnorm = tree_norm(grad)
+        finite = torch.isfinite(loss) & torch.isfinite(gnorm)
+        bad = torch.where((bad < 0) & ~finite, torch.full_like(bad, k), bad)
+        if k == 0:
+            loss0 = loss
+        new = solver.step(state, grad)
+        if masked:
+            done = done | solver.terminate(gnorm)
+            state = tuple(tree_where(~done, n, o) for n, o in zip(new, state))
+            steps = steps + (~done).long()
+        else:
+            state = new
+            steps = steps + 1
+    return LoopState(state, steps, done, bad, loss0, loss, gnorm)
+
+
+def loop_finish(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, *,
+                check_growth: bool = True) -> InnerSolution:
+    """Close the loop: final convergence test (only with ``tol``) and the status code."""
+    state, steps, done, bad, loss0, loss, gnorm = loop
+    num_grad = solver.steps
+    if solver.tol is not None:
+        grad, final_loss = grad_fn(state[0], solver.steps)
+        final_norm = tree_norm(grad)
+        done = done | solver.terminate(final_norm)
+        # Where the loop stopped early, the last evaluated values already describe the iterate.
+        gnorm, loss = final_norm, final_loss
+        num_grad += 1
+    code = torch.zeros((), dtype=torch.int64, device=steps.device)
+    code = combine(code, bad >= 0, RESULTS.inner_nonfinite)
+    if check_growth and solver.steps > 1:
+        grew = loss > loss0 + 1e-2 * loss0.abs() + 1e-6
+        code = combine(code, grew, RESULTS.inner_diverged)
+    if solver.tol is not None:
+        code = combine(code, ~done, RESULTS.inner_max_steps)
+    return InnerSolution(state[0], steps, gnorm, loss0, loss, bad, code, num_grad)
+
+
+def solve(solver: AbstractInnerSolver, params0: Params, grad_fn: GradFn, *,
+          check_growth: bool = True) -> InnerSolution:
+    """Run the whole inner solve from ``params0``."""
+    loop = loop_run(solver, loop_start(solver, params0), grad_fn, 0, solver.steps)
+    return loop_finish(solver, loop, grad_fn, check_growth=check_growth)
