@@ -123,6 +123,8 @@ def test_load_a9a_bad_split(tmp_path):
         ("1 1:1\n1 2:1:3\n", r"line 2 of .*: cannot parse token '2:1:3'"),
         ("1 1:1\n1 2:abc\n", r"line 2 of .*: cannot parse token '2:abc'"),
         ("1 1:1\n1 1.5:1\n", r"line 2 of .*: cannot parse token '1.5:1'"),
+        ("1 1:1\n1 2:1_0\n", r"line 2 of .*: cannot parse token '2:1_0'"),
+        ("1 1:1\n1 2:\uff11\n", r"line 2 of .*: cannot parse token '2:\uff11'"),
         ("# c\nyes 1:1\n", r"line 2 of .*: label 'yes' is not a number\. Fix"),
         ("1 1:1\n3:1 4:1\n", r"line 2 of .*: label '3:1' is not a number \(the line seems to have no label\)"),
         ("1 1:1\nnan 1:1\n", r"line 2 of .*: label 'nan' is not finite"),
@@ -137,6 +139,17 @@ def test_malformed_files_name_line_and_token(tmp_path, text, pattern):
     path = _write(tmp_path, text)
     with pytest.raises(ValueError, match=r"load_libsvm\('.*data\.svm'\): " + pattern):
         load_libsvm(path)
+
+
+def test_careful_parser_also_caps_huge_indices(tmp_path):
+    # "x" sends the file to the line-by-line parser, which must not build a huge matrix either.
+    path = _write(tmp_path, "1 99999999999999999999999:1\nx 1:1\n")
+    with pytest.raises(ValueError, match=r"line 2 of .*: label 'x' is not a number"):
+        load_libsvm(path)
+    tok = libsvm._tokenize(_write(tmp_path, "1 99999999999999999999999:1 +2:1\n"), "test")
+    with pytest.raises(ValueError, match=r"line 1 of .*: index in token '9+:1' is larger than "
+                                         r"n_features=1099511627776"):
+        libsvm._check(tok, libsvm._parse_slow(tok), None)
 
 
 def test_index_above_n_features_names_line_token_and_fix(tmp_path):

@@ -38,7 +38,7 @@ class EpisodeSampler:
     Each episode picks ``ways`` distinct classes uniformly at random (their order gives the labels
     ``0..N-1``), then for each class ``shots + queries`` distinct drawings: the first ``shots`` go
     to the support set, the rest to the query set. One call draws a whole meta-batch with a few
-    tensor operations (``rand(...).topk`` / ``argsort`` and one gather), with no Python loop over
+    tensor operations (``randint`` or ``rand(...).topk``, ``argsort`` and ``index_select``), with no Python loop over
     images.
 
     Args:
@@ -85,6 +85,7 @@ class EpisodeSampler:
                              f"{shots + queries} exceeds the {drawings} drawings per class. Fix: pass "
                              f"shots + queries <= {drawings}.")
         self.images, self.ways, self.shots, self.queries = data, ways, shots, queries
+        self._flat = data.reshape(num_classes * drawings, -1)  # one row per drawing (2-D: the fast index_select)
         self.generator = _generator(seed, "EpisodeSampler")
 
     def __repr__(self) -> str:
@@ -97,18 +98,34 @@ class EpisodeSampler:
             raise ValueError(f"EpisodeSampler.sample(meta_batch={meta_batch!r}): expected an int >= 1.")
         n, k, q = self.ways, self.shots, self.queries
         num_classes, drawings, height, width = self.images.shape
-        gen = self.generator
-        classes = torch.rand(meta_batch, num_classes, generator=gen).topk(n, dim=1).indices      # (B, N)
-        draws = torch.rand(meta_batch, n, drawings, generator=gen).argsort(dim=2)[..., :k + q]  # (B, N, K+Q)
-        device = self.images.device
-        picked = self.images[classes.to(device)[..., None], draws.to(device)]                  # (B, N, K+Q, H, W)
-        if picked.dtype == torch.uint8:
-            picked = picked.to(torch.float32).div_(255)
-        labels = torch.arange(n, device=device)
+        classes = _distinct(meta_batch, num_classes, n, self.generator)                          # (B, N)
+        draws = torch.rand(meta_batch, n, drawings, generator=self.generator).argsort(dim=2)  # (B, N, D)
+        flat = (classes[..., None] * drawings + draws[..., :k + q]).to(self.images.device)
+        labels = torch.arange(n, device=self.images.device)
+
+        def gather(index: Tensor, per_class: int) -> Tensor:
+            x = self._flat.index_select(0, index.reshape(-1))
+            x = x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x
+            return x.view(meta_batch, n * per_class, 1, height, width)
+
         return Episodes(
-            support_x=picked[:, :, :k].reshape(meta_batch, n * k, 1, height, width),
+            support_x=gather(flat[..., :k], k),
             support_y=labels.repeat_interleave(k).repeat(meta_batch, 1),
-            query_x=picked[:, :, k:].reshape(meta_batch, n * q, 1, height, width),
+            query_x=gather(flat[..., k:], q),
             query_y=labels.repeat_interleave(q).repeat(meta_batch, 1),
-            classes=classes.to(device),
+            classes=classes.to(self.images.device),
         )
+
+
+def _distinct(batch: int, population: int, n: int, gen: torch.Generator) -> Tensor:
+    """``(batch, n)`` rows of distinct ints in ``0..population-1``, each row a uniform ordered draw."""
+    if population < n * n:  # few classes: rank C uniforms (the Gumbel-top-k trick with uniform noise)
+        return torch.rand(batch, population, generator=gen).topk(n, dim=1).indices
+    # many classes: draw rows with replacement and redraw the rows that repeat a class (P < 1/2 each)
+    rows = torch.randint(population, (batch, n), generator=gen)
+    while True:
+        ordered = rows.sort(dim=1).values
+        bad = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if not bool(bad.any()):
+            return rows
+        rows[bad] = torch.randint(population, (int(bad.sum()), n), generator=gen)

@@ -138,7 +138,9 @@ def _parse_slow(tok: _Tokens) -> _Parsed:
         for token in tok.features[start:start + count]:
             index, sep, value = token.partition(":")
             try:
-                if not (sep and index.isascii() and index.lstrip("+-").isdigit()):
+                # The same language as the fast path: ASCII, no "1_000" digit separators.
+                if not (sep and index.lstrip("+-").isdigit() and (index + value).isascii()
+                        and "_" not in value):
                     raise ValueError
                 cols.append(min(int(index), _MAX_INDEX + 1) - 1)
                 values.append(float(value))
@@ -217,6 +219,7 @@ def _to_tensor(parsed: _Parsed, order: np.ndarray, shape: tuple[int, int], dtype
 
 def _load(path: Path, n_features: int | None, dtype: torch.dtype, sparse: bool,
           call: str) -> tuple[Tensor, Tensor]:
+    """Validate the options, then tokenize, parse, check and build; ``call`` prefixes errors."""
     if n_features is not None and (isinstance(n_features, bool) or not isinstance(n_features, int)
                                    or n_features < 1):
         raise ValueError(f"{call}: n_features={n_features!r} must be a positive int or None. "
