@@ -5,14 +5,15 @@ from ._hypergrad import hypergrad, vmap_hypergrad
 from ._problem import BilevelProblem
 from ._solver import BilevelSolver, SolverResult
 from ._result import RESULTS, STATS_KEYS, BilevelError, Hypergrad, InnerSolution, LinearSolution
-from .estimators import AID, AbstractEstimator, FirstOrder, ITD
+from .estimators import AID, ESJ, IMAML, ITD, AbstractEstimator, FirstOrder, Reptile
 from .inner import AbstractInnerSolver, GradientDescent, Momentum
 from .linear import CG, AbstractLinearSolver, Dense, Neumann
+from . import meta
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AID", "AbstractEstimator", "AbstractInnerSolver", "AbstractLinearSolver", "BilevelError",
-    "BilevelProblem", "BilevelSolver", "CG", "Dense", "FirstOrder", "GradientDescent", "Hypergrad", "ITD", "InnerSolution",
-    "LinearSolution", "Momentum", "Neumann", "RESULTS", "STATS_KEYS", "Sampler", "SolverResult", "hypergrad", "vmap_hypergrad",
+    "BilevelProblem", "BilevelSolver", "CG", "Dense", "ESJ", "FirstOrder", "GradientDescent", "Hypergrad", "IMAML", "ITD", "InnerSolution",
+    "LinearSolution", "Momentum", "Neumann", "RESULTS", "Reptile", "STATS_KEYS", "Sampler", "SolverResult", "hypergrad", "meta", "vmap_hypergrad",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._batch import batch_at
 from ._problem import BilevelProblem, check_same_structure, check_tree
 from ._result import RESULTS, BilevelError, Hypergrad, combine
 from ._tree import Batch, Params, tree_detach, tree_isfinite
@@ -30,7 +31,10 @@ def hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | None =
         inner: the inner solver, e.g. ``bl.GradientDescent(lr=0.1, steps=50)``.
         estimator: ``bl.ITD()``, ``bl.FirstOrder()``, ``bl.AID(...)``, ... — it decides how
             the inner loop runs and how it is differentiated.
-        inner_batch, outer_batch: passed as the third argument of ``g`` and ``f``.
+        inner_batch, outer_batch: passed as the third argument of ``g`` and ``f``. Either may
+            be a :class:`~bilevel.Sampler`: ``inner_batch`` is then drawn per inner step (and,
+            for AID, per linear solve or Hessian-vector product, see :class:`~bilevel.AID`);
+            ``outer_batch`` is drawn once per call, at step 0.
         throw: raise :class:`BilevelError` on any status but ``RESULTS.successful`` (default).
             With ``throw=False`` the status is in ``result``.
         adjoint0: warm start of the linear solve (AID, IMAML): a previous ``Hypergrad.adjoint``.
@@ -54,7 +58,7 @@ def hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | None =
     """
     started = time.perf_counter()
     x, y0, a0 = _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, _CALL)
-    estimate, counts = estimator.run(problem, x, y0, inner, inner_batch, outer_batch, a0)
+    estimate, counts = estimator.run(problem, x, y0, inner, inner_batch, batch_at(outer_batch, 0), a0)
     estimate = _check_value(estimate)
     return _pack(estimate, counts, started, problem, inner, estimator, throw, task_dim=False)
 
@@ -65,14 +69,17 @@ def vmap_hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | N
                    throw: bool = True, adjoint0: Params | None = None, chunk_size: int | None = None) -> Hypergrad:
     """:func:`hypergrad` for a batch of tasks, as one :func:`torch.func.vmap`.
 
+    Arguments not listed below are as in :func:`hypergrad`.
+
     Args:
         in_dims: which of ``(hparams, params0, inner_batch, outer_batch)`` carry
             a leading task dimension (``0``) and which are shared (``None``).
             A meta-learner shares ``hparams`` and batches the data:
-            ``in_dims=(None, None, 0, 0)``. ``adjoint0``, when given, is batched
-            like ``params0``.
+            ``in_dims=(None, None, 0, 0)``. A ``None`` input (no params0, no
+            batch) is shared whatever its entry says. ``adjoint0``, when given,
+            carries a task dimension (each task has its own adjoint: pass back a
+            previous call's ``Hypergrad.adjoint``).
         chunk_size: passed to :func:`torch.func.vmap` to bound memory.
-        Other arguments as in :func:`hypergrad`.
 
     Returns:
         :class:`Hypergrad` whose ``value``, ``params``, ``outer_value`` and the
@@ -97,22 +104,28 @@ def vmap_hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | N
     if len(in_dims) != 4 or any(d not in (0, None) for d in in_dims):
         raise ValueError(f"vmap_hypergrad(in_dims={in_dims!r}): expected four entries, each 0 (batched over "
                          "tasks) or None (shared), for (hparams, params0, inner_batch, outer_batch).")
-    x, y0, a0 = _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, "vmap_hypergrad(...)")
-    if y0 is None and in_dims[1] == 0:
-        in_dims = (in_dims[0], None, in_dims[2], in_dims[3])
+    call = "vmap_hypergrad(...)"
+    x, y0, a0 = _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, call, per_task=True)
+    args = (x, y0, inner_batch, outer_batch, a0)
+    dims = tuple(None if arg is None else d for arg, d in zip(args, (*in_dims, 0)))
+    if all(d is None for d in dims):
+        raise ValueError(f"vmap_hypergrad(in_dims={in_dims!r}): no input carries a task dimension. Fix: mark the "
+                         "batched inputs with 0, or call bl.hypergrad for a single task.")
     counts_seen: list[Counts] = []
 
     def one_task(x_t, y_t, bi_t, bo_t, a_t):
+        _check_starts(problem, x_t, y_t, a_t, call)  # per task: the inputs may be batched differently
         estimate, counts = estimator.run(problem, x_t, y_t, inner, bi_t, bo_t, a_t)
         counts_seen.append(counts)
-        return _check_value(estimate)
+        estimate = _check_value(estimate)
+        return estimate._replace(adjoint={} if estimate.adjoint is None else estimate.adjoint)  # vmap returns no None
 
-    dims = (*in_dims, in_dims[1] if a0 is not None else None)
-    estimate = torch.func.vmap(one_task, in_dims=dims, chunk_size=chunk_size)(x, y0, inner_batch, outer_batch, a0)
+    estimate = torch.func.vmap(one_task, in_dims=dims, chunk_size=chunk_size)(*args)
+    estimate = estimate._replace(adjoint=estimate.adjoint or None)
     return _pack(estimate, counts_seen[0], started, problem, inner, estimator, throw, task_dim=True)
 
 
-def _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, call):
+def _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, call, per_task=False):
     if not isinstance(problem, BilevelProblem):
         raise TypeError(f"{call}: problem is a {type(problem).__name__}; expected bl.BilevelProblem(inner=g, outer=f).")
     if not isinstance(inner, AbstractInnerSolver):
@@ -127,8 +140,6 @@ def _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, call)
     if params0 is not None:
         check_tree(params0, "params0", call)
         y0 = tree_detach(params0)
-        if problem.init is not None:
-            check_same_structure(y0, problem.start(x), "params0", "init(hparams)", call)
     elif problem.init is None:
         raise ValueError(f"{call}: params0 is None and the problem has no init. Fix: pass params0 "
                          "(the inner start) or BilevelProblem(init=...).")
@@ -136,7 +147,18 @@ def _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, call)
     if adjoint0 is not None:
         check_tree(adjoint0, "adjoint0", call)
         a0 = tree_detach(adjoint0)
+    if not per_task:
+        _check_starts(problem, x, y0, a0, call)
     return x, y0, a0
+
+
+def _check_starts(problem, x, y0, a0, call):
+    """``params0`` must match ``init(x)``, and ``adjoint0`` the inner parameters."""
+    if y0 is not None and problem.init is not None:
+        check_same_structure(y0, problem.start(x), "params0", "init(hparams)", call)
+    if a0 is not None:
+        like, what = (y0, "params0") if y0 is not None else (problem.start(x), "init(hparams)")
+        check_same_structure(a0, like, "adjoint0", what, call)
 
 
 def _check_value(estimate: Estimate) -> Estimate:

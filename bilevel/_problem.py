@@ -70,7 +70,8 @@ class BilevelProblem:
         try:
             out = self.init(hparams)
         except Exception as err:
-            err.add_note("bilevel: raised inside the problem's init(hparams).")
+            err.add_note("hypergrad(...): raised inside the problem's init(hparams). Fix: check that init maps the "
+                         "hparams dict to a params dict.")
             raise
         check_tree(out, "init(hparams)", "hypergrad(...)")
         return out
@@ -80,9 +81,9 @@ def _evaluate(fn: Objective, name: str, hparams: Params, params: Params, batch: 
     try:
         out = fn(hparams, params, batch)
     except Exception as err:
-        err.add_note(f"bilevel: raised inside the {name} objective {_name(fn)}(hparams, params, batch); "
-                     "check that the batch passed as "
-                     f"{name}_batch= has the structure this objective expects.")
+        err.add_note(f"hypergrad(...): raised inside the {name} objective {_name(fn)}(hparams, params, batch) "
+                     f"with batch = {_describe(batch)}. Fix: check that the batch passed as {name}_batch= "
+                     "has the structure this objective expects.")
         raise
     if not isinstance(out, Tensor):
         raise TypeError(f"hypergrad(...): {name} objective {_name(fn)} returned {type(out).__name__}; "
@@ -96,6 +97,18 @@ def _evaluate(fn: Objective, name: str, hparams: Params, params: Params, batch: 
     return out
 
 
+def _describe(batch: object, depth: int = 0) -> str:
+    """A short description of a batch for error notes (shapes, not values)."""
+    if isinstance(batch, Tensor):
+        return f"Tensor(shape={tuple(batch.shape)}, dtype={batch.dtype})"
+    if isinstance(batch, (tuple, list)) and depth < 2:
+        inner = ", ".join(_describe(b, depth + 1) for b in batch[:4])
+        return f"{type(batch).__name__} of {len(batch)} [{inner}{', ...' if len(batch) > 4 else ''}]"
+    if isinstance(batch, dict):
+        return f"dict with keys {sorted(map(str, batch))[:8]}"
+    return "None" if batch is None else type(batch).__name__
+
+
 def _name(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
@@ -106,7 +119,8 @@ def check_tree(tree: object, what: str, call: str) -> None:
         raise TypeError(f"{call}: {what} is a {type(tree).__name__}; expected a dict[str, Tensor]. "
                         "Fix: pass e.g. dict(model.named_parameters()) or {'w': tensor}.")
     if not tree:
-        raise ValueError(f"{call}: {what} is an empty dict; expected at least one tensor.")
+        raise ValueError(f"{call}: {what} is an empty dict; expected at least one tensor. "
+                         "Fix: pass e.g. {'w': torch.zeros(3)}.")
     for key, value in tree.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"{call}: {what}[{key!r}] is a {type(value).__name__}; expected a tensor. "

@@ -35,13 +35,22 @@ def tree_scale(a: Params, s: float | Tensor) -> Params:
 
 
 def tree_axpy(alpha: float | Tensor, x: Params, y: Params) -> Params:
-    """``alpha * x + y``."""
-    return {k: y[k] + alpha * x[k] for k in y}
+    """``alpha * x + y``, one fused kernel per leaf (``add`` with a number, ``addcmul`` with a tensor)."""
+    if isinstance(alpha, Tensor):
+        return {k: torch.addcmul(y[k], alpha, x[k]) for k in y}
+    return {k: torch.add(y[k], x[k], alpha=alpha) for k in y}
 
 
 def tree_dot(a: Params, b: Params) -> Tensor:
-    """Sum over keys of the Euclidean inner products (a 0-dim tensor)."""
-    return sum((torch.sum(a[k] * b[k]) for k in a), start=torch.zeros((), dtype=_dtype(a), device=_device(a)))
+    """Sum over keys of the Euclidean inner products (a 0-dim tensor).
+
+    One ``torch.dot`` per leaf (and one ``stack``/``sum`` for several leaves): the
+    inner loop and CG call this every iteration, so it stays a kernel or two.
+    """
+    dots = [torch.dot(_flat(a[k]), _flat(b[k])) for k in a]
+    if len(dots) == 1:
+        return dots[0]
+    return torch.stack(dots).sum() if dots else torch.zeros(())
 
 
 def tree_norm(a: Params) -> Tensor:
@@ -65,6 +74,8 @@ def tree_where(cond: Tensor, a: Params, b: Params) -> Params:
 def tree_isfinite(a: Params) -> Tensor:
     """A 0-dim boolean tensor: every entry of every leaf is finite."""
     flags = [torch.isfinite(v).all() for v in a.values()]
+    if len(flags) == 1:
+        return flags[0]
     return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
@@ -92,9 +103,5 @@ def tree_size(a: Params) -> int:
     return sum(v.numel() for v in a.values())
 
 
-def _dtype(a: Params) -> torch.dtype:
-    return next(iter(a.values())).dtype
-
-
-def _device(a: Params) -> torch.device:
-    return next(iter(a.values())).device
+def _flat(v: Tensor) -> Tensor:
+    return v if v.dim() == 1 else v.reshape(-1)

@@ -119,7 +119,7 @@ class EpisodeSampler:
 
 def _distinct(batch: int, population: int, n: int, gen: torch.Generator) -> Tensor:
     """``(batch, n)`` rows of distinct ints in ``0..population-1``, each row a uniform ordered draw."""
-    if population < n * n:  # few classes: rank C uniforms (the Gumbel-top-k trick with uniform noise)
+    if population < n * n:  # few classes: the top n of C i.i.d. uniforms, a uniform ordered subset
         return torch.rand(batch, population, generator=gen).topk(n, dim=1).indices
     # many classes: draw rows with replacement and redraw the rows that repeat a class (P < 1/2 each)
     rows = torch.randint(population, (batch, n), generator=gen)

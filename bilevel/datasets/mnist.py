@@ -28,6 +28,7 @@ __all__ = ["MNIST_MEAN", "MNIST_STD", "corrupt_labels", "load_mnist", "train_val
 #: Mean and standard deviation of the training pixels in [0, 1] (0.13066, 0.30811 rounded),
 #: the constants ``normalize=True`` uses for both splits.
 MNIST_MEAN = 0.1307
+#: Standard deviation of the training pixels in [0, 1]; see ``MNIST_MEAN``.
 MNIST_STD = 0.3081
 _IMAGES_MAGIC = 0x00000803
 _LABELS_MAGIC = 0x00000801

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ class Sinusoid:
     its ``shots`` support and ``queries`` query inputs are drawn independently from
     :math:`x \sim U[x_0, x_1]`. The defaults are the MAML family (Finn et al. 2017, Sec. 5.1:
     :math:`A \in [0.1, 5]`, :math:`\varphi \in [0, \pi]`, :math:`x \in [-5, 5]`);
-    :meth:`meta_sgd` adds :math:`\omega \in [0.8, 1.2]` (Li et al. 2017, Sec. 4.1).
+    :meth:`meta_sgd` adds :math:`\omega \in [0.8, 1.2]` (Li et al. 2017, the regression experiments).
 
     Args:
         shots: support points per task :math:`K \ge 1` (default 10).
@@ -100,14 +100,15 @@ class Sinusoid:
             if not ok:
                 raise ValueError(f"Sinusoid({name}={value!r}): expected a pair (low, high) of finite "
                                  f"numbers with low <= high. Fix: pass e.g. {name}=(0.1, 5.0).")
+            object.__setattr__(self, name, (low, high))  # lists and ints become a hashable float pair
         if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise ValueError(f"Sinusoid(dtype={self.dtype!r}): expected a floating torch dtype. "
                              "Fix: pass dtype=torch.float32 or torch.float64.")
 
     @classmethod
-    def meta_sgd(cls, shots: int = 10, queries: int | None = None, **kwargs: object) -> Sinusoid:
+    def meta_sgd(cls, shots: int = 10, queries: int | None = None, **kwargs: Any) -> Sinusoid:
         """The Meta-SGD family: the MAML one plus a frequency :math:`\\omega \\sim U[0.8, 1.2]`."""
-        return cls(shots=shots, queries=queries, frequency_range=(0.8, 1.2), **kwargs)  # type: ignore[arg-type]
+        return cls(shots=shots, queries=queries, frequency_range=(0.8, 1.2), **kwargs)
 
     def sample(self, num_tasks: int, seed: int | torch.Generator) -> TaskBatch:
         """Draw ``num_tasks`` tasks with their support and query points.

@@ -2,7 +2,10 @@
 
 from ._base import AbstractEstimator
 from .aid import AID
+from .esj import ESJ
 from .first_order import FirstOrder
+from .imaml import IMAML
 from .itd import ITD
+from .reptile import Reptile
 
-__all__ = ["AID", "AbstractEstimator", "FirstOrder", "ITD"]
+__all__ = ["AID", "AbstractEstimator", "ESJ", "FirstOrder", "IMAML", "ITD", "Reptile"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from .._batch import is_stochastic
+from .._batch import draws, is_stochastic
 from .._problem import BilevelProblem
 from .._result import RESULTS, combine, first_failure
 from .._tree import Batch, Params, tree_allzero, tree_sub
@@ -39,6 +39,15 @@ class AID(AbstractEstimator):
     ``RESULTS.zero_hypergradient`` (use :class:`~bilevel.ITD` or
     :class:`~bilevel.IMAML`).
 
+    Stochastic AID (stocBiO): with a :class:`~bilevel.Sampler` as ``inner_batch``
+    the inner steps use draws ``0..N-1``; the linear solve continues from draw
+    ``N``, one draw per Hessian-vector product for :class:`~bilevel.Neumann`
+    (the stochastic Neumann series of stocBiO, Algorithm 3) and one draw for the
+    whole solve for CG or Dense (which need a fixed operator); the cross term
+    takes the next draw. ``outer_batch`` (fixed, or a sampler drawn once) gives
+    :math:`\nabla f`. A sampler that always returns the full batch gives
+    exactly the full-batch estimate.
+
     Args:
         linear_solver: solver for the adjoint system, default ``CG()``.
         hvp: ``"forward"`` (forward-over-reverse, default) or ``"reverse"``
@@ -47,7 +56,7 @@ class AID(AbstractEstimator):
 
     References: F. Pedregosa, "Hyperparameter optimization with approximate
     gradient", ICML 2016; K. Ji, J. Yang, Y. Liang, "Bilevel optimization:
-    convergence analysis and enhanced design", ICML 2021 (AID-BiO);
+    convergence analysis and enhanced design", ICML 2021 (AID-BiO, stocBiO);
     R. Grazzi et al., "On the iteration complexity of hypergradient
     computation", ICML 2020.
 
@@ -70,7 +79,8 @@ class AID(AbstractEstimator):
                     check_growth=not is_stochastic(inner_batch))
         gx, gy, outer_value = outer_grads(problem, hparams, sol.params, outer_batch)
         lin, value = with_hvp_fallback(self, lambda mode: _implicit(problem, hparams, sol.params, inner_batch,
-                                                                    gx, gy, self.linear_solver, adjoint0, mode))
+                                                                    gx, gy, self.linear_solver, adjoint0, mode,
+                                                                    first=inner.steps))
         code = first_failure(sol.code, lin.code)
         if problem.init is not None and params0 is None:
             code = combine(code, tree_allzero(value), RESULTS.zero_hypergradient)
@@ -80,9 +90,18 @@ class AID(AbstractEstimator):
         return estimate, Counts(num_grad=inner_counts(inner) + 1, num_hvp=lin.num_hvp + 1)
 
 
-def _implicit(problem, hparams, params, batch, gx, gy, linear_solver, adjoint0, mode):
-    lin = linear_solver.solve(hvp_yy(problem, hparams, params, batch, mode), gy, adjoint0)
-    return lin, tree_sub(gx, cross_vjp(problem, hparams, params, batch, lin.value, mode))
+def _implicit(problem, hparams, params, batch, gx, gy, linear_solver, adjoint0, mode, first=0):
+    """``(linear solution, ∇ₓf − ∇²_xy g v)``. A :class:`~bilevel.Sampler` ``batch`` is drawn from
+    step ``first`` on: once per operator application if the solver resamples its operator
+    (stocBiO's Neumann series), else once for the solve; then once for the cross term."""
+    draw = draws(batch, first)
+    if is_stochastic(batch) and linear_solver.resamples_operator:
+        def matvec(v):
+            return hvp_yy(problem, hparams, params, draw(), mode)(v)
+    else:
+        matvec = hvp_yy(problem, hparams, params, draw(), mode)
+    lin = linear_solver.solve(matvec, gy, adjoint0)
+    return lin, tree_sub(gx, cross_vjp(problem, hparams, params, draw(), lin.value, mode))
 
 
 def check_linear_options(estimator) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch.func import vjp
+from torch.func import grad_and_value, vjp
 
 from .._batch import is_stochastic
 from .._problem import BilevelProblem
@@ -44,8 +44,11 @@ class FirstOrder(AbstractEstimator):
         else:
             start, pullback = params0, None
         sol = solve(inner, start, inner_grad_fn(problem, hparams, inner_batch), check_growth=not is_stochastic(inner_batch))
-        gx, gy, outer_value = outer_grads(problem, hparams, sol.params, outer_batch)
-        value = gx if pullback is None else tree_add(gx, pullback(gy)[0])
+        if pullback is None:  # a constant start: ∇_y f is not needed
+            value, outer_value = grad_and_value(problem.outer_value)(hparams, sol.params, outer_batch)
+        else:
+            gx, gy, outer_value = outer_grads(problem, hparams, sol.params, outer_batch)
+            value = tree_add(gx, pullback(gy)[0])
         estimate = Estimate(value=value, params=sol.params, code=sol.code, outer_value=outer_value,
                             adjoint=None, info={}, **inner_fields(sol), **no_linear(outer_value))
         return estimate, Counts(num_grad=inner_counts(inner) + 1, num_hvp=0)

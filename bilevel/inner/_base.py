@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._result import RESULTS, InnerSolution, combine
-from .._tree import Params, tree_norm, tree_where
+from .._tree import Params, tree_dot, tree_norm, tree_where
 
 #: ``grad_fn(params, k) -> (∇_y g, g)`` at inner step ``k``.
 GradFn = Callable[[Params, int], tuple[Params, Tensor]]
@@ -74,25 +74,48 @@ def loop_start(solver: AbstractInnerSolver, params0: Params) -> LoopState:
 
 
 def loop_run(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, start: int, stop: int) -> LoopState:
-    """Run steps ``start .. stop-1``; pure in its inputs."""
+    """Run steps ``start .. stop-1``; pure in its inputs.
+
+    The per-step bookkeeping is one kernel: the squared gradient norm, as a dot product.
+    Losses and squared gradient norms are kept in lists and checked once at the end of
+    the run (:func:`_first_bad`), which finds the same first NaN/inf step as a check at
+    every step would. The loop is short and fixed, so the lists cost nothing but the
+    scalars they hold.
+    """
+    if stop <= start:
+        return loop
     masked = solver.tol is not None
     state, steps, done, bad, loss0, loss, gnorm = loop
+    losses, sq_norms = [], []
     for k in range(start, stop):
         grad, loss = grad_fn(state[0], k)
-        gnorm = tree_norm(grad)
-        finite = torch.isfinite(loss) & torch.isfinite(gnorm)
-        bad = torch.where((bad < 0) & ~finite, torch.full_like(bad, k), bad)
-        if k == 0:
-            loss0 = loss
+        sq_norm = tree_dot(grad, grad)
+        losses.append(loss)
+        sq_norms.append(sq_norm)
         new = solver.step(state, grad)
         if masked:
-            done = done | solver.terminate(gnorm)
+            done = done | solver.terminate(torch.sqrt(sq_norm))
             state = tuple(tree_where(~done, n, o) for n, o in zip(new, state))
             steps = steps + (~done).long()
         else:
             state = new
-            steps = steps + 1
-    return LoopState(state, steps, done, bad, loss0, loss, gnorm)
+    if not masked:
+        steps = steps + (stop - start)
+    if start == 0:
+        loss0 = losses[0]
+    bad = _first_bad(bad, start, losses, sq_norms)
+    return LoopState(state, steps, done, bad, loss0, losses[-1], torch.sqrt(sq_norms[-1]))
+
+
+def _first_bad(bad: Tensor, start: int, losses: list[Tensor], sq_norms: list[Tensor]) -> Tensor:
+    """``bad`` if a NaN/inf was already recorded, else the first step of this run (numbered
+    from ``start``) whose loss or squared gradient norm is NaN/inf, else ``-1``.
+
+    ``isfinite(‖g‖²)`` is ``isfinite(‖g‖)``: the check is the one a per-step test makes.
+    """
+    finite = torch.isfinite(torch.stack(losses)) & torch.isfinite(torch.stack(sq_norms))
+    first = torch.argmax((~finite).to(torch.uint8), dim=0) + start  # argmax: the first maximum
+    return torch.where((bad < 0) & ~finite.all(), first, bad)
 
 
 def loop_finish(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from .._result import LinearSolution
 from .._tree import Params
@@ -17,7 +18,15 @@ class AbstractLinearSolver:
     ``solve(matvec, b, x0=None)`` returns a :class:`~bilevel.LinearSolution`
     (value, status code, steps, residual, operator applications). ``x0`` is an
     initial guess (a warm start); ``None`` starts from zero.
+
+    ``resamples_operator`` says whether the solver is meant to see a fresh
+    random sample of the operator at every application (a stochastic Neumann
+    series, as in stocBiO): AID then draws a new batch per ``matvec`` call from
+    a :class:`~bilevel.Sampler`. Solvers that need one fixed operator (CG,
+    Dense) leave it ``False`` and get a single draw per solve.
     """
+
+    resamples_operator: ClassVar[bool] = False
 
     def solve(self, matvec: MatVec, b: Params, x0: Params | None = None) -> LinearSolution:
         raise NotImplementedError

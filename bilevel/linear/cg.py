@@ -56,18 +56,19 @@ class CG(AbstractLinearSolver):
         b_norm = tree_norm(b)
         tol = torch.clamp(self.rtol * b_norm, min=self.atol)
         steps = torch.zeros((), dtype=torch.int64, device=b_norm.device)
+        zero, one = torch.zeros_like(rs), torch.ones_like(rs)  # made once: the loop is all small kernels
         for _ in range(self.max_steps):
             active = torch.sqrt(rs) > tol
             ap = matvec(p)
             pap = tree_dot(p, ap)
-            alpha = torch.where(active, rs / torch.where(pap != 0, pap, torch.ones_like(pap)), torch.zeros_like(rs))
+            alpha = torch.where(active, rs / torch.where(pap != 0, pap, one), zero)
             x = tree_axpy(alpha, p, x)
             r = tree_axpy(-alpha, ap, r)
             rs_new = tree_dot(r, r)
-            beta = rs_new / torch.where(rs != 0, rs, torch.ones_like(rs))
+            beta = rs_new / torch.where(rs != 0, rs, one)
             p = tree_axpy(beta, p, r)
             rs = rs_new
-            steps = steps + active.long()
+            steps = steps + active
         num_hvp += self.max_steps
         r_norm = torch.sqrt(rs)
         residual = r_norm / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))

@@ -17,7 +17,7 @@ class QuadraticBilevel:
 
     .. math::
 
-        g(x, y) = \tfrac12 y^\top A y - y^\top (B x + c) + \tfrac{\lambda}{2}\|y - P x\|^2 [\text{learned init only}],\\
+        g(x, y) = \tfrac12 y^\top A y - y^\top (B x + c),\\
         f(x, y) = \tfrac12 \|y - t\|^2 + \tfrac{\rho}{2}\|x\|^2 + e^\top x,
 
     with :math:`A` symmetric positive definite, so :math:`y^*(x) = A^{-1}(Bx + c)` and
@@ -27,7 +27,9 @@ class QuadraticBilevel:
         \nabla\Phi(x) = \rho x + e + B^\top A^{-1} (y^*(x) - t).
 
     With ``learned_init=True`` the problem also has ``init(x) = P x`` (a learned
-    inner start), which ITD, FirstOrder and the unrolled map see.
+    inner start), which ITD, FirstOrder and the unrolled map see, and which is
+    iMAML's proximal centre: :meth:`imaml_solution` and :meth:`imaml_hypergrad`
+    are the closed forms for :math:`g_\lambda = g + \frac{\lambda}{2}\|y - Px\|^2`.
 
     Build one with :func:`quadratic_problem`. The problem's inner batch and
     outer batch are ``None``; its matrices are attributes, so tests can form
@@ -100,6 +102,22 @@ class QuadraticBilevel:
         x = hparams["x"]
         y = self.unrolled(hparams, params0, lr, steps)["y"]
         return {"x": self.rho * x + self.e + jac.T @ (y - self.t)}
+
+    def imaml_solution(self, hparams: Params, lam: float) -> Params:
+        r"""Minimiser of the iMAML inner problem :math:`g + \frac{\lambda}{2}\|y - Px\|^2`:
+        :math:`y_\lambda^*(x) = (A + \lambda I)^{-1}(Bx + c + \lambda P x)`."""
+        x = hparams["x"]
+        eye = torch.eye(self.A.shape[0], dtype=self.A.dtype)
+        return {"y": torch.linalg.solve(self.A + lam * eye, self.B @ x + self.c + lam * self.P @ x)}
+
+    def imaml_hypergrad(self, hparams: Params, lam: float) -> Params:
+        r"""The exact gradient of :math:`x \mapsto f(x, y_\lambda^*(x))` (what :class:`~bilevel.IMAML`
+        estimates): :math:`\rho x + e + (B + \lambda P)^\top (A + \lambda I)^{-1} (y_\lambda^* - t)`."""
+        x = hparams["x"]
+        y = self.imaml_solution(hparams, lam)["y"]
+        eye = torch.eye(self.A.shape[0], dtype=self.A.dtype)
+        v = torch.linalg.solve(self.A + lam * eye, y - self.t)
+        return {"x": self.rho * x + self.e + (self.B + lam * self.P).T @ v}
 
     def _start(self, hparams: Params, params0: Params | None) -> Tensor:
         if params0 is not None:

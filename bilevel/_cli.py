@@ -1,0 +1,66 @@
+"""The ``bilevel`` command line: argparse with one module per subcommand.
+
+Each module in :data:`SUBCOMMANDS` exposes ``add_parser(subparsers)``, which adds
+its parser and registers the function to run with ``set_defaults(func=...)``;
+the function takes the parsed arguments and returns the exit status. A new
+subcommand is one new module and one new line in :data:`SUBCOMMANDS`.
+Argument problems that argparse cannot see (say, a size too large) are raised
+as :class:`UsageError` and reported like argparse's own: usage, message, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: Modules that define subcommands, in the order ``bilevel --help`` lists them.
+SUBCOMMANDS: list[str] = [
+    "bilevel._compare",        # bilevel compare
+    "bilevel.meta.cli",        # bilevel meta-train
+]
+
+
+class UsageError(ValueError):
+    """A bad command-line argument found after parsing; ``main`` reports it and exits with status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bilevel`` parser with every subcommand of :data:`SUBCOMMANDS` registered."""
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="bilevel",
+        description="Hypergradients for bilevel optimization and meta-learning.",
+        epilog="Run 'bilevel COMMAND --help' for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"bilevel {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser, subparsers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``bilevel ARGS``; returns the exit status (0 on success, 2 on a usage error).
+
+    Example:
+        >>> from bilevel._cli import main
+        >>> main(["compare", "--dim", "5", "--samples", "20"])  # doctest: +SKIP
+        0
+    """
+    parser, subparsers = _build()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        subparsers.choices[args.command].error(str(err))  # prints usage and exits with status 2
+    except KeyboardInterrupt:
+        print("bilevel: interrupted", file=sys.stderr)
+        return 130
+    return 2  # pragma: no cover  (error() does not return)
+
