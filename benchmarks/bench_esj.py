@@ -7,8 +7,11 @@ instead of Q + 1), so the time per hypergradient should stay well below that of
 Q separate solves; the target is ``ESJ / (Q x one solve) <= 0.6``.
 
 Problems: the learned-start ridge problem of :mod:`benchmarks.bench_memory` at
-``d = 100_000`` (64 rows, N = 20 inner steps: memory-bandwidth bound) and at
-``d = 1_000`` (16 rows, N = 100: dominated by per-step overhead).
+``d = 100_000`` (64 rows, N = 20 inner steps: one solve is memory-bandwidth
+bound), with the data product written ``X @ w`` and ``w @ X.T`` (the same
+function; under ``vmap`` the second's backward is a row-major matrix product,
+which CPU BLAS runs several times faster here), and at ``d = 1_000`` (16 rows,
+N = 100: one solve is dominated by per-step overhead).
 
 This module imports only torch and bilevel, so it also works as a plain module.
 """
@@ -30,15 +33,16 @@ try:
 except ImportError:  # imported as a top-level module
     from bench_memory import make_case
 
-#: (name, d, rows, N)
-PROBLEMS = {"ridge d=100000": (100_000, 64, 20), "ridge d=1000": (1_000, 16, 100)}
-DIRECTIONS = (4, 16)
+#: name -> (d, rows, N, row_major)
+PROBLEMS = {"d=100000, X @ w": (100_000, 64, 20, False), "d=100000, w @ X.T": (100_000, 64, 20, True),
+            "d=1000, X @ w": (1_000, 16, 100, False)}
+DIRECTIONS = (4, 8, 16)
 
 
 def calls(problem_name: str, directions: int) -> tuple[Callable[[], object], Callable[[], object]]:
     """``(one ESJ hypergradient, one plain inner solve)`` as zero-argument calls."""
-    dim, rows, steps = PROBLEMS[problem_name]
-    case = make_case(dim=dim, rows=rows)
+    dim, rows, steps, row_major = PROBLEMS[problem_name]
+    case = make_case(dim=dim, rows=rows, row_major=row_major)
     problem, x, train = case["problem"], case["hparams"], case["train"]
     inner = bl.GradientDescent(lr=0.5, steps=steps)
     esj = bl.ESJ(directions=directions, smoothing=1e-2, seed=0)
@@ -70,7 +74,7 @@ def best_cpu_time(fn: Callable[[], object], repeat: int) -> float:
 
 def measure_esj(directions: list[int], repeat: int = 5) -> list[dict]:
     rows = []
-    for problem_name, (_, _, steps) in PROBLEMS.items():
+    for problem_name, (_, _, steps, _) in PROBLEMS.items():
         for q in directions:
             one_esj, one_solve = calls(problem_name, q)
             t_esj, t_solve = best_cpu_time(one_esj, repeat), best_cpu_time(one_solve, repeat)

@@ -18,11 +18,20 @@ includes the interpreter, torch and the data (asv starts a fresh process for
 every parameter combination). ``python -m benchmarks.run_memory`` reports the
 same and, separately, the growth of RSS during the call.
 
+Allocator: with glibc's default malloc, freed blocks of the sizes ESJ's
+batched solve allocates stay in the heap, and RSS grows with N although the
+live tensors do not (fragmentation, not retention). ``allocator="fixed-mmap"``
+calls ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` first (as the environment variable
+``MALLOC_MMAP_THRESHOLD_=131072`` would), so large tensors are returned to the
+system when freed and RSS tracks live memory; ``"default"`` leaves malloc alone.
+
 This module imports only torch and bilevel, so it also works as a plain module.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +52,19 @@ ESTIMATOR_OBJECTS: dict[str, bl.AbstractEstimator] = {
     "ITD-checkpoint": bl.ITD(checkpoint_every="sqrt"),
 }
 LR = 0.5
+ALLOCATORS = ("default", "fixed-mmap")
+MMAP_THRESHOLD = 128 * 1024
+
+
+def use_allocator(allocator: str) -> None:
+    """``"fixed-mmap"``: glibc ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` (no-op elsewhere); ``"default"``: nothing."""
+    if allocator == "fixed-mmap":
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass
+    elif allocator != "default":
+        raise ValueError(f"use_allocator({allocator!r}): expected one of {ALLOCATORS}.")
 
 
 def inner(x: dict, y: dict, batch: tuple) -> torch.Tensor:
@@ -51,12 +73,21 @@ def inner(x: dict, y: dict, batch: tuple) -> torch.Tensor:
     return 0.5 * ((features @ w - target) ** 2).sum() + 0.5 * torch.exp(x["log_lam"]) * (w ** 2).sum()
 
 
+def inner_row_major(x: dict, y: dict, batch: tuple) -> torch.Tensor:
+    """``inner`` with the product written ``w @ X^T``: the same function, but under ``vmap`` over ``w``
+    its backward is the row-major product ``R X`` instead of ``X^T R^T`` (see benchmarks.bench_esj)."""
+    features, target = batch
+    w = y["w"]
+    return 0.5 * ((w @ features.T - target) ** 2).sum() + 0.5 * torch.exp(x["log_lam"]) * (w ** 2).sum()
+
+
 def outer(x: dict, y: dict, batch: tuple) -> torch.Tensor:
     features, target = batch
     return 0.5 * ((features @ y["w"] - target) ** 2).sum()
 
 
-def make_case(dim: int = DIM, rows: int = N_ROWS, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def make_case(dim: int = DIM, rows: int = N_ROWS, seed: int = 0, dtype: torch.dtype = torch.float32,
+              row_major: bool = False) -> dict[str, Any]:
     """Problem, hparams and batches (about ``2 * rows * dim`` floats of data)."""
     gen = torch.Generator().manual_seed(seed)
     w_true = torch.randn(dim, generator=gen, dtype=dtype)
@@ -65,7 +96,8 @@ def make_case(dim: int = DIM, rows: int = N_ROWS, seed: int = 0, dtype: torch.dt
         features = torch.randn(n, dim, generator=gen, dtype=dtype) / dim ** 0.5
         return features, features @ w_true + 0.1 * torch.randn(n, generator=gen, dtype=dtype)
 
-    problem = bl.BilevelProblem(inner=inner, outer=outer, init=lambda x: {"w": x["w0"]})
+    problem = bl.BilevelProblem(inner=inner_row_major if row_major else inner, outer=outer,
+                                init=lambda x: {"w": x["w0"]})
     hparams = {"log_lam": torch.zeros((), dtype=dtype), "w0": torch.zeros(dim, dtype=dtype)}
     return dict(problem=problem, hparams=hparams, train=rows_of(rows), val=rows_of(rows))
 
@@ -83,19 +115,15 @@ def hypergrad_call(case: dict[str, Any], name: str, steps: int) -> Callable[[], 
 class PeakMemory:
     """``peakmem_hypergrad``: max RSS of one hypergradient (asv includes setup: data ~ 51 MB)."""
 
-    params = (list(ESTIMATORS), list(STEPS))
-    param_names = ("estimator", "inner_steps")
+    params = (list(ESTIMATORS), list(STEPS), list(ALLOCATORS))
+    param_names = ("estimator", "inner_steps", "allocator")
     timeout = 900
 
-    def setup(self, name: str, steps: int) -> None:
+    def setup(self, name: str, steps: int, allocator: str) -> None:
+        use_allocator(allocator)
         torch.set_num_threads(1)
         self.case = make_case()
         self.call = hypergrad_call(self.case, name, steps)
 
-    def peakmem_hypergrad(self, name: str, steps: int) -> None:
+    def peakmem_hypergrad(self, name: str, steps: int, allocator: str) -> None:
         self.call()
-
-    def track_num_grad(self, name: str, steps: int) -> int:
-        return hypergrad_call(make_case(dim=1000), name, steps)().stats["num_grad"]
-
-    track_num_grad.unit = "gradients"

@@ -38,8 +38,9 @@ CHILD = """
 import gc, json, os, resource, sys
 import torch
 torch.set_num_threads(1)
-from benchmarks.bench_memory import hypergrad_call, make_case
-name, steps, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+from benchmarks.bench_memory import hypergrad_call, make_case, use_allocator
+name, steps, dim, allocator = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+use_allocator(allocator)
 case = make_case(dim=dim)
 hypergrad_call(case, name, 1)()
 gc.collect()
@@ -52,49 +53,55 @@ print(json.dumps(dict(peak_mb=peak_kb / 1024, before_mb=before_kb / 1024, status
 """
 
 
-def measure_memory(names: list[str], steps: list[int], dim: int) -> list[dict]:
+def measure_memory(names: list[str], steps: list[int], dim: int, allocators: list[str]) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
     rows = []
-    for n in steps:
-        for name in names:
-            out = subprocess.run([sys.executable, "-c", CHILD, name, str(n), str(dim)], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, check=True).stdout
-            row = dict(json.loads(out.strip().splitlines()[-1]), estimator=name, steps=n)
-            row["growth_mb"] = max(0.0, row["peak_mb"] - row["before_mb"])
-            rows.append(row)
-            print(f"  {name:15s} N={n:5d}  peak {row['peak_mb']:8.1f} MB  growth {row['growth_mb']:8.1f} MB",
-                  file=sys.stderr, flush=True)
+    for allocator in allocators:
+        for n in steps:
+            for name in names:
+                out = subprocess.run([sys.executable, "-c", CHILD, name, str(n), str(dim), allocator], cwd=ROOT,
+                                     env=env, capture_output=True, text=True, check=True).stdout
+                row = dict(json.loads(out.strip().splitlines()[-1]), estimator=name, steps=n, allocator=allocator)
+                row["growth_mb"] = max(0.0, row["peak_mb"] - row["before_mb"])
+                rows.append(row)
+                print(f"  {allocator:10s} {name:15s} N={n:5d}  peak {row['peak_mb']:8.1f} MB  "
+                      f"growth {row['growth_mb']:8.1f} MB", file=sys.stderr, flush=True)
     return rows
 
 
 def memory_table(rows: list[dict]) -> str:
     steps = sorted({r["steps"] for r in rows})
-    names = list(dict.fromkeys(r["estimator"] for r in rows))
-    cell = {(r["estimator"], r["steps"]): r for r in rows}
-    head = "| estimator | " + " | ".join(f"peak RSS, N={n} (MB)" for n in steps) + " | " + \
-        " | ".join(f"growth, N={n} (MB)" for n in steps) + " | status |"
+    keys = list(dict.fromkeys((r["allocator"], r["estimator"]) for r in rows))
+    cell = {(r["allocator"], r["estimator"], r["steps"]): r for r in rows}
+    head = "| allocator | estimator | " + " | ".join(f"peak RSS N={n} (MB)" for n in steps) + " | " + \
+        " | ".join(f"growth N={n} (MB)" for n in steps) + " | status |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name in names:
-        peaks = " | ".join(f"{cell[name, n]['peak_mb']:.0f}" for n in steps)
-        growth = " | ".join(f"{cell[name, n]['growth_mb']:.1f}" for n in steps)
-        lines.append(f"| {name} | {peaks} | {growth} | `{cell[name, steps[-1]]['status']}` |")
+    for allocator, name in keys:
+        peaks = " | ".join(f"{cell[allocator, name, n]['peak_mb']:.0f}" for n in steps)
+        growth = " | ".join(f"{cell[allocator, name, n]['growth_mb']:.1f}" for n in steps)
+        lines.append(f"| {allocator} | {name} | {peaks} | {growth} | `{cell[allocator, name, steps[-1]]['status']}` |")
     return "\n".join(lines)
 
 
 def memory_summary(rows: list[dict]) -> str:
-    cell = {(r["estimator"], r["steps"]): r for r in rows}
+    cell = {(r["allocator"], r["estimator"], r["steps"]): r for r in rows}
     steps = sorted({r["steps"] for r in rows})
-    lean = [k for k in ("AID", "IMAML", "ESJ") if (k, steps[0]) in cell]
-    peaks = [cell[k, n]["peak_mb"] for k in lean for n in steps]
-    out = [f"- AID, IMAML, ESJ across N = {', '.join(map(str, steps))}: peak RSS from {min(peaks):.0f} to "
-           f"{max(peaks):.0f} MB (spread {100 * (max(peaks) / min(peaks) - 1):.1f}% of the smallest)."]
-    big = steps[-1]
-    if ("ITD", big) in cell and ("ITD-checkpoint", big) in cell:
-        taped, ckpt = cell["ITD", big], cell["ITD-checkpoint", big]
-        out.append(f"- N = {big}: memory-lean ITD's peak RSS is {100 * ckpt['peak_mb'] / taped['peak_mb']:.1f}% of "
-                   f"taped ITD's ({ckpt['peak_mb']:.0f} / {taped['peak_mb']:.0f} MB); its growth during the call is "
-                   f"{100 * ckpt['growth_mb'] / max(taped['growth_mb'], 1e-9):.1f}% of taped ITD's "
-                   f"({ckpt['growth_mb']:.1f} / {taped['growth_mb']:.1f} MB).")
+    out = []
+    for allocator in dict.fromkeys(r["allocator"] for r in rows):
+        lean = [k for k in ("AID", "IMAML", "ESJ") if (allocator, k, steps[0]) in cell]
+        peaks = [cell[allocator, k, n]["peak_mb"] for k in lean for n in steps]
+        if peaks:
+            out.append(f"- {allocator}: {', '.join(lean)} across N = {', '.join(map(str, steps))}: peak RSS from "
+                       f"{min(peaks):.0f} to {max(peaks):.0f} MB (largest / smallest = {max(peaks) / min(peaks):.3f}).")
+        big = steps[-1]
+        if (allocator, "ITD", big) in cell and (allocator, "ITD-checkpoint", big) in cell:
+            taped, ckpt = cell[allocator, "ITD", big], cell[allocator, "ITD-checkpoint", big]
+            out.append(f"- {allocator}, N = {big}: memory-lean ITD's peak RSS is "
+                       f"{100 * ckpt['peak_mb'] / taped['peak_mb']:.1f}% of taped ITD's ({ckpt['peak_mb']:.0f} / "
+                       f"{taped['peak_mb']:.0f} MB); its growth during the call is "
+                       f"{100 * ckpt['growth_mb'] / max(taped['growth_mb'], 1e-9):.1f}% of taped ITD's "
+                       f"({ckpt['growth_mb']:.1f} / {taped['growth_mb']:.1f} MB).")
     return "\n".join(out)
 
 
@@ -113,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--dim", type=int, default=100_000)
     parser.add_argument("--estimators", nargs="+", default=None)
-    parser.add_argument("--directions", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--allocators", nargs="+", default=["fixed-mmap", "default"])
+    parser.add_argument("--directions", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", choices=["memory", "esj"], default=None)
     parser.add_argument("--out", default=None, help="markdown file to write the tables into")
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.strftime("%Y-%m-%d %H:%M")
     parts = []
     if args.only in (None, "memory"):
-        rows = measure_memory(args.estimators or list(ESTIMATORS), args.steps, args.dim)
+        rows = measure_memory(args.estimators or list(ESTIMATORS), args.steps, args.dim, args.allocators)
         parts += [memory_table(rows), memory_summary(rows)]
     if args.only in (None, "esj"):
         parts.append(esj_table(measure_esj(args.directions, args.repeat)))

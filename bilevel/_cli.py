@@ -6,6 +6,8 @@ the function takes the parsed arguments and returns the exit status. A new
 subcommand is one new module and one new line in :data:`SUBCOMMANDS`.
 Argument problems that argparse cannot see (say, a size too large) are raised
 as :class:`UsageError` and reported like argparse's own: usage, message, exit 2.
+The argument types :func:`positive_int`, :func:`nonnegative_int` and
+:func:`finite_float` give every subcommand the same messages for bad numbers.
 """
 
 from __future__ import annotations
@@ -13,17 +15,52 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 #: Modules that define subcommands, in the order ``bilevel --help`` lists them.
 SUBCOMMANDS: list[str] = [
     "bilevel._compare",        # bilevel compare
+    "bilevel.convergence.cli",  # bilevel convergence
     "bilevel.meta.cli",        # bilevel meta-train
 ]
 
 
 class UsageError(ValueError):
     """A bad command-line argument found after parsing; ``main`` reports it and exits with status 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for an integer >= 1."""
+    value = _parse(int, text, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse ``type=`` for an integer >= 0 (below 2**63, so it fits a torch seed)."""
+    value = _parse(int, text, "a non-negative integer")
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer below 2**63, got {value}")
+    return value
+
+
+def finite_float(bound: float = math.inf) -> Callable[[str], float]:
+    """argparse ``type=`` for a finite number of absolute value at most ``bound``."""
+    def parse(text: str) -> float:
+        value = _parse(float, text, "a number")
+        if not (math.isfinite(value) and abs(value) <= bound):
+            raise argparse.ArgumentTypeError(f"expected a finite number in [-{bound:g}, {bound:g}], got {text}")
+        return value
+    return parse
+
+
+def _parse(kind: type, text: str, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 import bilevel as bl
 
-from ._cli import UsageError
+from ._cli import UsageError, finite_float, nonnegative_int, positive_int
 from ._tree import Params
 from .testing import quadratic_problem, ridge_problem
 
@@ -62,13 +62,18 @@ class Comparison:
         lines = [(r.name, f"{r.rel_error:.2e}", str(r.inner_steps), str(r.linear_steps), str(r.num_hvp),
                   str(r.num_grad), f"{1e3 * r.wall_time_s:.1f}", r.status) for r in self.rows]
         width = [max(len(c) for c in col) for col in zip(head, *lines)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w)  # noqa: E731
-                                      for i, (c, w) in enumerate(zip(cells, width))).rstrip()
+
+        def fmt(cells: tuple[str, ...]) -> str:  # text columns left-aligned, numbers right-aligned
+            return "  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, width))).rstrip()
         return "\n".join([fmt(head), fmt(tuple("-" * w for w in width)), *map(fmt, lines)])
 
     def report(self) -> str:
+        """The setup lines, the table, each estimator's exact configuration, and the notes."""
+        width = max((len(r.name) for r in self.rows), default=0)
+        configs = [f"  {r.name.ljust(width)}  {r.estimator}" for r in self.rows]
         notes = [f"note: {n}" for n in self.notes]
-        return "\n".join([*self.setup, "", self.table(), "", *notes])
+        return "\n".join([*self.setup, "", self.table(), "", "configurations:", *configs, "", *notes])
 
 
 @dataclass(frozen=True)
@@ -220,36 +225,6 @@ def _run(name: str, estimator: Any, case: _Case, inner: Any) -> Row:
                hg.result.name)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer below 2**63, got {value}")
-    return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or abs(value) > 30:
-        raise argparse.ArgumentTypeError(f"expected a finite number in [-30, 30], got {text}")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``bilevel compare``."""
     p = subparsers.add_parser(
@@ -260,16 +235,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--problem", choices=PROBLEMS, default="ridge",
                    help="ridge: per-feature ridge penalties on synthetic regression (default); "
                         "quadratic: a random quadratic bilevel problem")
-    p.add_argument("--dim", type=_positive, default=200, help="features (ridge) or variables (default 200)")
-    p.add_argument("--samples", type=_positive, default=None,
+    p.add_argument("--dim", type=positive_int, default=200, help="features (ridge) or variables (default 200)")
+    p.add_argument("--samples", type=positive_int, default=None,
                    help="training samples, and as many validation samples (ridge only; default 1000)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the data and of ESJ's directions (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the data and of ESJ's directions (default 0)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="default float64")
-    p.add_argument("--steps", type=_positive, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="inner gradient steps (default: enough for 1e-10 accuracy, 1e-6 in float32)")
-    p.add_argument("--linear-steps", type=_positive, default=None,
+    p.add_argument("--linear-steps", type=positive_int, default=None,
                    help="CG / Neumann iterations (default: enough for the same accuracy)")
-    p.add_argument("--log-lam", type=_finite, default=None,
+    p.add_argument("--log-lam", type=finite_float(30.0), default=None,
                    help="log of the ridge penalty where the hypergradient is taken (ridge only; default 0)")
     p.add_argument("--check", action="store_true",
                    help="exit with status 1 unless every estimator succeeds and ITD and every AID reach "

@@ -311,7 +311,7 @@ def test_stats_with_tolerance_count_steps_applied_and_the_final_check():
 F32_CASES = {
     "itd": bl.ITD(), "itd_truncated": bl.ITD(truncate=5), "fo": bl.FirstOrder(),
     "aid_cg": bl.AID(linear_solver=bl.CG(max_steps=10, rtol=1e-6)),
-    "aid_neumann": bl.AID(linear_solver=bl.Neumann(steps=60, alpha=0.25)), "aid_dense": bl.AID(linear_solver=bl.Dense()),
+    "aid_neumann": bl.AID(linear_solver=bl.Neumann(steps=40, alpha=0.25)), "aid_dense": bl.AID(linear_solver=bl.Dense()),
 }
 
 

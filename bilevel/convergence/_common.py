@@ -145,7 +145,8 @@ class StudyReport:
     command: str = ""
 
     def markdown(self) -> str:
-        lines = [f"# {self.title}", "", f"Regenerate: `{self.command}`", "", "## Setup", ""]
+        command = self.command or f"bilevel convergence --study {self.name}"
+        lines = [f"# {self.title}", "", f"Regenerate: `{command}`", "", "## Setup", ""]
         lines += [f"- {s}" for s in self.setup] + ["", "## Findings", ""]
         rows = [(f.claim, f.source, f.measured, f"**{f.verdict}**") for f in self.findings]
         lines += [markdown_table(("claim", "source", "our measurement", "verdict"), rows), ""]

@@ -63,7 +63,7 @@ def run_walltime(case: HyperCase, log_lam: float, study: Any, s: Setting, log: C
 
 def _one_run(case: HyperCase, x0: Params, name: str, warm: bool, lr: float, beta: float,
              box: tuple[float, float], steps: int, final: float, study: Any, s: Setting, log: CsvLog) -> None:
-    setting = Setting(s.imaml_lam, s.esj_directions, s.esj_smoothing, torch.Generator().manual_seed(s.seed))
+    setting = Setting(s.imaml_lam, s.esj_directions, s.esj_smoothing, torch.Generator().manual_seed(s.seed), s.hvp)
     estimator = make_estimator(name, study.warm_k, lr, setting)
     problem = case.prox_problem() if name == "IMAML-CG" else case.problem
     solver = BilevelSolver(problem, inner=GradientDescent(lr=lr, steps=study.warm_n), estimator=estimator,

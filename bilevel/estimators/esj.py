@@ -44,11 +44,11 @@ class ESJ(AbstractEstimator):
     Two conventions for the directions exist in the zeroth-order literature:
 
     * ``distribution="gaussian"`` (default; Nesterov & Spokoiny; the ESJ paper):
-      :math:`u_q \sim \mathcal N(0, I_p)` and :math:`c = 1`, since :math:`E[u u^\top] = I`.
+      :math:`u_q \sim \mathcal N(0, I_d)` and :math:`c = 1`, since :math:`E[u u^\top] = I`.
     * ``distribution="sphere"`` (Flaxman, Kalai & McMahan): :math:`u_q` uniform on
-      the unit sphere of :math:`\mathbb R^p` and :math:`c = p` (the dimension of
-      ``hparams``), since :math:`E[u u^\top] = I/p`. Slightly lower variance:
-      :math:`(p-1)\|w\|^2/Q` against :math:`(p+1)\|w\|^2/Q` for the squared error
+      the unit sphere of :math:`\mathbb R^d` and :math:`c = d` (the number of entries of
+      ``hparams``), since :math:`E[u u^\top] = I/d`. Slightly lower variance:
+      :math:`(d-1)\|w\|^2/Q` against :math:`(d+1)\|w\|^2/Q` for the squared error
       of :math:`\widehat J^\top w` when :math:`y_N` is affine.
 
     When :math:`y_N` is affine in :math:`x` (a quadratic inner problem) both are
@@ -58,7 +58,7 @@ class ESJ(AbstractEstimator):
     price of :math:`2Q+1` instead of :math:`Q+1` solves.
 
     Randomness: with an integer ``seed`` the directions are drawn by
-    ``torch.randn(Q, p, generator=torch.Generator(device).manual_seed(seed))``
+    ``torch.randn(Q, d, generator=torch.Generator(device).manual_seed(seed))``
     in the dtype of ``hparams`` at every call, so the same seed gives the same
     numbers (but the same directions at every outer step: change the seed per
     step, e.g. ``dataclasses.replace(esj, seed=step)``). With a
@@ -116,7 +116,7 @@ class ESJ(AbstractEstimator):
                              "or 'sphere' (u uniform on the unit sphere, scaled by the dimension).")
 
     def draw(self, hparams: Params) -> Tensor:
-        """The ``(Q, p)`` matrix of directions for ``hparams`` (``p`` entries in all).
+        """The ``(Q, d)`` matrix of directions for ``hparams`` (``d`` entries in all).
 
         With an integer seed this is what every call uses; with a generator it
         advances the generator, like a call does.

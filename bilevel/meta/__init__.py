@@ -9,9 +9,13 @@ from .closed_form import ClosedForm
 from .maml import MAML
 from .meta_sgd import LearnedSGD, MetaSGD
 from .shared_embedding import RidgeHead, SharedEmbedding, SoftmaxHead
+from .evaluate import Evaluation, evaluate, results_table, sinusoid_figure
 from .tasks import TaskPool, Tasks, split
+from .train import CheckpointError, Trainer, TrainResult, load_checkpoint, save_checkpoint
 
 __all__ = [
-    "ANIL", "AbstractMetaLearner", "ClosedForm", "LearnedSGD", "MAML", "MetaGradient", "MetaSGD",
-    "RidgeHead", "SharedEmbedding", "SoftmaxHead", "TaskPool", "Tasks", "cross_entropy", "mse", "split",
+    "ANIL", "AbstractMetaLearner", "CheckpointError", "ClosedForm", "Evaluation", "LearnedSGD", "MAML",
+    "MetaGradient", "MetaSGD", "RidgeHead", "SharedEmbedding", "SoftmaxHead", "TaskPool", "Tasks", "TrainResult",
+    "Trainer", "cross_entropy", "evaluate", "load_checkpoint", "mse", "results_table", "save_checkpoint",
+    "sinusoid_figure", "split",
 ]

@@ -1,0 +1,249 @@
+r"""The estimator accuracy-cost frontier on the ridge problem at d = 2000.
+
+For each estimator and each target relative error (1e-3 and 1e-6 by default) we search the
+cheapest setting — fewest oracle calls, i.e. inner gradients plus Hessian-vector products — on
+geometric grids of the inner step count N and the linear-solver step count K, and report its
+gradient and HVP counts and its wall time (best of three calls, single thread). Since the error
+does not increase with N or with K, the cheapest reaching setting lies on the staircase
+"smallest K that works for each N", which a walk over N (ascending) and K (descending) finds with
+about ``len(n_grid) + len(k_grid)`` evaluations per estimator. iMAML is searched for each proximal
+strength in ``imaml_lams`` (its bias floor grows with lam); ESJ, whose error is about
+:math:`\sqrt{(p+1)/Q}` here, is evaluated at a few direction counts Q.
+
+References: R. Grazzi, L. Franceschi, M. Pontil, S. Salzo, ICML 2020 (iteration complexity of ITD
+and AID); K. Ji, J. Yang, Y. Liang, ICML 2021 (AID-BiO, ITD-BiO).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+from .. import AID, Dense, GradientDescent, hypergrad
+from ._common import (AbstractStudy, CsvLog, Finding, RowHook, StudyError, StudyReport, check_grid, check_positive,
+                      markdown_table, new_figure, options_of, prepare_out_dir, progress_bar, rel_error, save_figure)
+from ._hgrun import STYLE, Setting, describe, measure
+from ._hyper import HyperCase, ridge_case
+
+COLUMNS = ("estimator", "N", "K", "lam", "Q", "rel_error", "bias_floor", "seconds", "num_grad", "num_hvp", "status")
+ORDER = ("ITD", "AID-CG", "AID-Neumann", "AID-Dense", "IMAML-CG", "ESJ")
+
+
+@dataclass(frozen=True)
+class FrontierStudy(AbstractStudy):
+    """Options of the frontier.
+
+    Args:
+        dim, n_samples, lam: the ridge problem (d features, n training rows) and the point lambda.
+        targets: relative errors to reach.
+        n_grid, k_grid: inner and linear-solver step counts searched (ascending).
+        imaml_lams: iMAML proximal strengths tried; esj_grid: ESJ direction counts tried.
+        seed: data and ESJ directions.
+    """
+
+    name: ClassVar[str] = "frontier"
+    title: ClassVar[str] = "Estimator accuracy-cost frontier (ridge, d = 2000)"
+
+    dim: int = 2000
+    n_samples: int = 1000
+    lam: float = 1.0
+    targets: tuple[float, ...] = (1e-3, 1e-6)
+    n_grid: tuple[int, ...] = (4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512)
+    k_grid: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128)
+    imaml_lams: tuple[float, ...] = (1e-4, 1e-7)
+    esj_grid: tuple[int, ...] = (8, 32)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        call = "bilevel convergence --study frontier"
+        for name in ("n_grid", "k_grid", "esj_grid"):
+            object.__setattr__(self, name, tuple(sorted(check_grid(getattr(self, name), name, call))))
+        for name in ("dim", "n_samples"):
+            check_positive(getattr(self, name), name, call)
+        check_positive(self.lam, "lam", call, integer=False)
+        if not self.targets or not all(isinstance(t, (int, float)) and 0 < t < 1 for t in self.targets):
+            raise StudyError(f"{call}: targets={self.targets!r}; expected relative errors in (0, 1), e.g. (1e-3, 1e-6).")
+        if not self.imaml_lams or not all(isinstance(v, (int, float)) and v > 0 for v in self.imaml_lams):
+            raise StudyError(f"{call}: imaml_lams={self.imaml_lams!r}; expected positive proximal strengths.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise StudyError(f"{call}: seed={self.seed!r}; expected an integer.")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "FrontierStudy":
+        small = dict(dim=30, n_samples=40, n_grid=(8, 32, 128), k_grid=(2, 8, 32), esj_grid=(4,),
+                     imaml_lams=(1e-6,))
+        return replace(cls(), **{**small, **overrides})
+
+    def run(self, out: str | os.PathLike, *, progress: bool = True, on_row: RowHook | None = None) -> StudyReport:
+        out = prepare_out_dir(out, "bilevel convergence --study frontier")
+        case = ridge_case(self.dim, self.n_samples, self.seed)
+        x = case.hparams(math.log(self.lam))
+        lr = 1.0 / case.lipschitz(x)
+        exact = case.hypergrad(x)
+        report = StudyReport(self.name, self.title, out, setup=self._setup(case, x))
+        bar = progress_bar(len(ORDER), "frontier", progress)
+        best: dict[tuple[str, float], dict[str, Any]] = {}
+        try:
+            with CsvLog(out / "frontier_evaluations.csv", COLUMNS, on_row) as log:
+                report.files.append(log.path)
+                search = _Search(case, x, exact, lr, self, log)
+                search.warm_up()
+                for name in ORDER:
+                    for target in self.targets:
+                        found = search.cheapest(name, target)
+                        if found is not None:
+                            best[(name, target)] = found
+                    bar.update(1)
+                rows = search.rows
+        finally:
+            bar.close()
+        self._report(report, case, x, lr, rows, best)
+        report.write()
+        return report
+
+    def _report(self, report: StudyReport, case: HyperCase, x, lr: float, rows: list, best: dict) -> None:
+        table = []
+        for name in ORDER:
+            for target in self.targets:
+                r = best.get((name, target))
+                if r is None:
+                    tried = [e for e in rows if e["estimator"] == name]
+                    low = min((e["rel_error"] for e in tried), default=float("nan"))
+                    table.append((name, f"{target:g}", f"not reached (best error {low:.2g})", "", "", "", ""))
+                    continue
+                secs = _best_of(case, x, r, lr, self)
+                table.append((name, f"{target:g}", describe(name, r["N"], r["K"], _setting(self, r)),
+                              r["num_grad"], r["num_hvp"], f"{secs:.3f}", f"{r['rel_error']:.1e}"))
+        report.tables["Cheapest setting per estimator (fewest gradients + HVPs) reaching each target"] = \
+            markdown_table(("estimator", "target", "setting", "grads", "HVPs", "seconds (best of 3)", "rel. error"),
+                           table)
+        fig, axes = new_figure(2)
+        for name in ORDER:
+            pts = [e for e in rows if e["estimator"] == name]
+            if not pts:
+                continue
+            color, marker = STYLE.get(name, ("C5", "x"))
+            for ax, key in zip(axes, ("calls", "seconds")):
+                xs = [e["num_grad"] + e["num_hvp"] if key == "calls" else e["seconds"] for e in pts]
+                ax.scatter(xs, [max(e["rel_error"], 1e-16) for e in pts], color=color, marker=marker, s=14,
+                           label=name, alpha=0.8)
+        for ax, xlabel in zip(axes, ("gradients + HVPs", "seconds (one call, single thread)")):
+            for t in self.targets:
+                ax.axhline(t, color="k", ls=":", lw=1)
+            ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="relative hypergradient error",
+                   title=f"every setting evaluated (ridge d={self.dim}, n={self.n_samples})")
+            ax.grid(True, alpha=0.3)
+        axes[0].legend(fontsize=7)
+        save_figure(fig, report.out / "frontier.png", report.files)
+        cg = [best.get(("AID-CG", t)) for t in self.targets]
+        others = [best.get((n, t)) for n in ("ITD", "AID-Neumann") for t in self.targets]
+        ok = all(c is not None for c in cg) and all(
+            o is None or cg[i % len(cg)]["num_grad"] + cg[i % len(cg)]["num_hvp"] <= o["num_grad"] + o["num_hvp"]
+            for i, o in enumerate(others))
+        report.findings.append(Finding(
+            "AID with conjugate gradient is the most efficient hypergradient approximation among ITD and AID.",
+            "Grazzi, Franceschi, Pontil, Salzo, ICML 2020",
+            "Cheapest oracle calls per target: " + "; ".join(
+                f"{n} " + "/".join(_calls(best.get((n, t))) for t in self.targets) for n in ORDER[:3]) + ".", ok))
+
+    def _setup(self, case: HyperCase, x) -> list[str]:
+        return [
+            f"Ridge problem d={self.dim}, n={self.n_samples} (bilevel.testing.ridge_problem), lambda={self.lam:g} "
+            f"for every feature; inner Hessian condition number kappa={case.condition(x):.1f}.",
+            "Inner: GD with step 1/L from zero; CG runs exactly K steps; Neumann alpha = 1/L; HVPs reverse-over-"
+            "reverse; iMAML's proximal centre is the zero start; ESJ Gaussian directions, mu=1e-3.",
+            "Cost = gradients + HVPs as counted by Hypergrad.stats (deterministic); the search walks the staircase "
+            "of the smallest K that reaches the target for each N. Seconds: best of three calls of the chosen "
+            "setting, single thread.",
+            "Options: " + ", ".join(options_of(self)),
+        ]
+
+
+def _calls(r: dict[str, Any] | None) -> str:
+    return "-" if r is None else str(r["num_grad"] + r["num_hvp"])
+
+
+def _setting(study: FrontierStudy, r: dict[str, Any]) -> Setting:
+    return Setting(imaml_lam=r["lam"] or 1e-3, esj_directions=r["Q"] or 1)
+
+
+def _best_of(case: HyperCase, x, r: dict[str, Any], lr: float, study: FrontierStudy, repeat: int = 3) -> float:
+    if r["estimator"] == "AID-Dense":
+        return min(_dense(case, x, r["N"], lr)[1] for _ in range(repeat))
+    s = replace(_setting(study, r), seed=study.seed)
+    exact = case.hypergrad(x)
+    return min(measure(case, x, exact, r["estimator"], r["N"], r["K"], lr, s)["seconds"] for _ in range(repeat))
+
+
+def _dense(case: HyperCase, x, n: int, lr: float):
+    t0 = time.perf_counter()
+    hg = hypergrad(case.problem, x, case.params0(), inner=GradientDescent(lr=lr, steps=n),
+                   estimator=AID(linear_solver=Dense(), hvp="reverse"), inner_batch=case.train,
+                   outer_batch=case.val, throw=False)
+    return hg, time.perf_counter() - t0
+
+
+class _Search:
+    """Evaluations with a cache, the staircase walk, and one CSV row per evaluation."""
+
+    def __init__(self, case: HyperCase, x, exact, lr: float, study: FrontierStudy, log: CsvLog) -> None:
+        self.case, self.x, self.exact, self.lr, self.study, self.log = case, x, exact, lr, study, log
+        self.cache: dict[tuple, dict[str, Any]] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def warm_up(self) -> None:
+        s = Setting(seed=self.study.seed)
+        for name in ("ITD", "AID-CG", "AID-Neumann", "IMAML-CG", "ESJ"):
+            measure(self.case, self.x, self.exact, name, 2, 2, self.lr, replace(s, esj_directions=2))
+
+    def eval(self, name: str, n: int, k: int, lam: float = 0.0, q: int = 0) -> dict[str, Any]:
+        key = (name, n, k, lam, q)
+        if key not in self.cache:
+            if name == "AID-Dense":
+                hg, secs = _dense(self.case, self.x, n, self.lr)
+                row = dict(estimator=name, N=n, K=0, rel_error=rel_error(hg.value, self.exact), bias_floor=0.0,
+                           seconds=secs, num_grad=int(hg.stats["num_grad"]), num_hvp=int(hg.stats["num_hvp"]),
+                           status=hg.result.name)
+            else:
+                s = Setting(imaml_lam=lam or 1e-3, esj_directions=q or 1, seed=self.study.seed)
+                prox = self.case.hypergrad(self.x, damping=lam) if name == "IMAML-CG" else None
+                row = measure(self.case, self.x, self.exact, name, n, k, self.lr, s, prox_exact=prox)
+            row.update(lam=lam, Q=q)
+            self.cache[key] = self.log.write(**row)
+            self.rows.append(row)
+        return self.cache[key]
+
+    def cheapest(self, name: str, target: float) -> dict[str, Any] | None:
+        st = self.study
+        if name in ("ITD", "AID-Dense"):
+            return next((r for n in st.n_grid if (r := self.eval(name, n, 0))["rel_error"] <= target), None)
+        if name == "ESJ":
+            n = st.n_grid[len(st.n_grid) // 2]
+            hits = [r for q in st.esj_grid if (r := self.eval(name, n, 0, q=q))["rel_error"] <= target]
+            return min(hits, key=_cost, default=None)
+        lams = st.imaml_lams if name == "IMAML-CG" else (0.0,)
+        hits = [h for lam in lams if (h := self._staircase(name, target, lam)) is not None]
+        return min(hits, key=_cost, default=None)
+
+    def _staircase(self, name: str, target: float, lam: float) -> dict[str, Any] | None:
+        ks, best, j = self.study.k_grid, None, len(self.study.k_grid) - 1
+        for n in self.study.n_grid:
+            if best is not None and n + 1 + ks[0] + 1 >= _cost(best):
+                break
+            if self.eval(name, n, ks[j], lam)["rel_error"] > target:
+                if best is not None and j == len(ks) - 1:
+                    break
+                continue
+            while j > 0 and self.eval(name, n, ks[j - 1], lam)["rel_error"] <= target:
+                j -= 1
+            r = self.eval(name, n, ks[j], lam)
+            if best is None or _cost(r) < _cost(best):
+                best = r
+        return best
+
+
+def _cost(r: dict[str, Any]) -> int:
+    return r["num_grad"] + r["num_hvp"]
