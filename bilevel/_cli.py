@@ -23,6 +23,7 @@ SUBCOMMANDS: list[str] = [
     "bilevel._compare",        # bilevel compare
     "bilevel.convergence.cli",  # bilevel convergence
     "bilevel.meta.cli",        # bilevel meta-train
+    "bilevel.problems.cli",    # bilevel hpo
 ]
 
 

@@ -92,8 +92,10 @@ class _Case:
 
 def _float64(obj: Any) -> Any:
     """A copy of a frozen dataclass of tensors (or tuples of them) in float64."""
-    cast = lambda v: (v.double() if isinstance(v, Tensor) else  # noqa: E731
-                      tuple(cast(t) for t in v) if isinstance(v, tuple) else v)
+    def cast(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return v.double()
+        return tuple(cast(t) for t in v) if isinstance(v, tuple) else v
     return replace(obj, **{f.name: cast(getattr(obj, f.name)) for f in fields(obj)})
 
 
@@ -137,7 +139,7 @@ def compare(problem: str = "ridge", dim: int = 200, samples: int = 1000, seed: i
 
     The inner solver is gradient descent with step :math:`1/L` (``L`` from the
     problem's largest inner Hessian eigenvalue) and, unless ``steps`` is given,
-    enough steps for an error of ``1e-10`` (``1e-6`` in float32) given the
+    enough steps (at least 10) for an error of ``1e-10`` (``1e-6`` in float32) given the
     condition number :math:`\kappa = L/\mu`: :math:`N = \lceil \log\varepsilon /
     \log(1 - 1/\kappa) \rceil`. Neumann uses ``alpha = 1/L`` and as many terms; CG
     uses the Chebyshev bound :math:`\lceil \log(\varepsilon/2) /
@@ -157,7 +159,7 @@ def compare(problem: str = "ridge", dim: int = 200, samples: int = 1000, seed: i
     eps = 1e-10 if dtype == torch.float64 else 1e-6
     kappa = case.lipschitz / case.mu
     lr = 1.0 / case.lipschitz
-    n = steps or _steps_for(1 - 1 / kappa, eps)
+    n = steps or max(10, _steps_for(1 - 1 / kappa, eps))  # ITD needs >= 2 steps to see x even when kappa = 1
     root = math.sqrt(kappa)
     k_cg = linear_steps or min(dim + 2, _steps_for((root - 1) / (root + 1), eps / 2))
     k_neumann = linear_steps or _steps_for(1 - 1 / kappa, eps)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _runner
 from ._batch import batch_at
 from ._problem import BilevelProblem, check_same_structure, check_tree
 from ._result import RESULTS, BilevelError, Hypergrad, combine
@@ -56,11 +57,11 @@ def hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | None =
         >>> hg.value["c"]  # y*(c) = c / 2, so dΦ/dc = (c/2 - 1) / 2
         tensor([-0.5000, -0.5000, -0.5000])
     """
-    started = time.perf_counter()
+    started, compiled0 = time.perf_counter(), _runner.compile_clock()
     x, y0, a0 = _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, _CALL)
     estimate, counts = estimator.run(problem, x, y0, inner, inner_batch, batch_at(outer_batch, 0), a0)
     estimate = _check_value(estimate)
-    return _pack(estimate, counts, started, problem, inner, estimator, throw, task_dim=False)
+    return _pack(estimate, counts, started, problem, inner, estimator, throw, task_dim=False, compiled0=compiled0)
 
 
 def vmap_hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | None = None, *,
@@ -100,7 +101,7 @@ def vmap_hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | N
         >>> hg.value["lam"].shape
         torch.Size([4])
     """
-    started = time.perf_counter()
+    started, compiled0 = time.perf_counter(), _runner.compile_clock()
     if len(in_dims) != 4 or any(d not in (0, None) for d in in_dims):
         raise ValueError(f"vmap_hypergrad(in_dims={in_dims!r}): expected four entries, each 0 (batched over "
                          "tasks) or None (shared), for (hparams, params0, inner_batch, outer_batch).")
@@ -122,7 +123,8 @@ def vmap_hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | N
 
     estimate = torch.func.vmap(one_task, in_dims=dims, chunk_size=chunk_size)(*args)
     estimate = estimate._replace(adjoint=estimate.adjoint or None)
-    return _pack(estimate, counts_seen[0], started, problem, inner, estimator, throw, task_dim=True)
+    return _pack(estimate, counts_seen[0], started, problem, inner, estimator, throw, task_dim=True,
+                 compiled0=compiled0)
 
 
 def _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, call, per_task=False):
@@ -167,7 +169,8 @@ def _check_value(estimate: Estimate) -> Estimate:
 
 
 def _pack(estimate: Estimate, counts: Counts, started: float, problem: BilevelProblem,
-          inner: AbstractInnerSolver, estimator: AbstractEstimator, throw: bool, task_dim: bool) -> Hypergrad:
+          inner: AbstractInnerSolver, estimator: AbstractEstimator, throw: bool, task_dim: bool,
+          compiled0: float = 0.0) -> Hypergrad:
     stats: dict[str, Any] = {
         "inner_steps": estimate.inner_steps,
         "linear_steps": estimate.linear_steps,
@@ -175,6 +178,7 @@ def _pack(estimate: Estimate, counts: Counts, started: float, problem: BilevelPr
         "num_grad": counts.num_grad,
         "num_hvp": counts.num_hvp,
         "wall_time_s": 0.0,
+        "compile_s": _runner.compile_clock() - compiled0,  # bl.Compiled: seconds spent compiling
     }
     codes = _concrete(estimate.code)
     if codes is None:  # inside a user's vmap: statuses stay tensors, nothing is raised

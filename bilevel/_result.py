@@ -19,7 +19,7 @@ from torch import Tensor
 from ._tree import Params
 
 #: Keys of :attr:`Hypergrad.stats`; every estimator fills every key.
-STATS_KEYS = ("inner_steps", "linear_steps", "residual", "num_grad", "num_hvp", "wall_time_s")
+STATS_KEYS = ("inner_steps", "linear_steps", "residual", "num_grad", "num_hvp", "wall_time_s", "compile_s")
 
 
 class RESULTS(enum.Enum):
@@ -179,7 +179,8 @@ class Hypergrad:
         params: the inner solution the estimate was formed at (pass it back as
             ``params0`` to warm-start the next inner solve).
         result: a :class:`RESULTS` member (a tensor of codes when formed inside ``vmap``).
-        stats: ``inner_steps, linear_steps, residual, num_grad, num_hvp, wall_time_s``.
+        stats: ``inner_steps, linear_steps, residual, num_grad, num_hvp, wall_time_s, compile_s``
+            (``compile_s``: seconds this call spent in :func:`torch.compile`, 0.0 when eager).
         outer_value: ``f(hparams, params, outer_batch)`` at the inner solution.
         adjoint: the linear-system solution ``v`` for AID/IMAML (``None`` otherwise);
             pass it back as ``adjoint0`` to warm-start the next linear solve.

@@ -40,15 +40,20 @@ def _public_modules() -> list:
     return modules
 
 
+def _ancestors(module) -> list:
+    parts = module.__name__.split(".")
+    return [importlib.import_module(".".join(parts[:i])) for i in range(1, len(parts))]
+
+
 def _expected_names() -> set[str]:
-    """Dotted names api.md must document; a name re-exported by its package is documented there."""
+    """Dotted names api.md must document. A name that an enclosing package re-exports in its
+    ``__all__`` is documented there (e.g. ``bilevel.datasets.Sinusoid``, ``bilevel.Compiled``)."""
     names = set()
     for module in _public_modules():
-        parent = importlib.import_module(module.__name__.rpartition(".")[0]) if "." in module.__name__ else None
         for name in getattr(module, "__all__", []):
             obj = getattr(module, name)
-            if parent is not None and parent is not bilevel and getattr(parent, name, None) is obj:
-                continue  # documented under the package, e.g. bilevel.datasets.Sinusoid
+            if any(name in getattr(a, "__all__", ()) and getattr(a, name, None) is obj for a in _ancestors(module)):
+                continue
             names.add(f"{module.__name__}.{name}")
     return names
 

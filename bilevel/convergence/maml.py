@@ -11,9 +11,10 @@ Setup: sinusoid regression tasks (10 support and 10 query points), the 1-40-40-1
 MAML (Finn et al. 2017), every weight adapted by N inner GD steps, ITD meta-gradients (exact
 second-order MAML), plain SGD on the initialisation (the meta-update the theory analyses).
 
-1. *step size*: for every N, :math:`\alpha = \alpha_0` (fixed) and :math:`\alpha = \alpha_0 / N`;
-   meta-objective (query MSE after N steps on fixed evaluation tasks) against outer iterations;
-   a run that turns non-finite is marked diverged.
+1. *step size*: for every N, :math:`\alpha = \alpha_0` (fixed), a smaller fixed
+   :math:`\alpha = \alpha_s`, and :math:`\alpha = \alpha_0 / N`; meta-objective (query MSE after N
+   steps on fixed evaluation tasks) against outer iterations; a run that turns non-finite is
+   marked diverged.
 2. *meta-batch*: N fixed, :math:`\alpha = \alpha_0 / N`, B in ``batch_grid``; the floor is the mean
    meta-objective over the last quarter of the run.
 
@@ -46,6 +47,7 @@ class MamlStudy(AbstractStudy):
     Args:
         n_grid: inner step counts N (default 1, 2, 4, 8, 16, 32).
         alpha: the base inner step size alpha_0 (fixed schedule: alpha_0; 1/N schedule: alpha_0 / N).
+        alpha_small: the smaller fixed step size alpha_s.
         outer_steps, meta_batch, outer_lr: meta-training length, tasks per step, SGD step.
         batch_grid, batch_n: meta-batch sizes of part 2 and its N.
         eval_tasks, eval_every: evaluation set size and spacing.
@@ -57,13 +59,14 @@ class MamlStudy(AbstractStudy):
 
     n_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     alpha: float = 0.1
+    alpha_small: float = 0.03
     outer_steps: int = 100
     meta_batch: int = 8
-    outer_lr: float = 0.01
+    outer_lr: float = 0.03
     batch_grid: tuple[int, ...] = (1, 4, 16, 64)
     batch_n: int = 4
     eval_tasks: int = 100
-    eval_every: int = 10
+    eval_every: int = 5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,7 +75,7 @@ class MamlStudy(AbstractStudy):
         object.__setattr__(self, "batch_grid", check_grid(self.batch_grid, "batch_grid", call))
         for name in ("outer_steps", "meta_batch", "batch_n", "eval_tasks", "eval_every"):
             check_positive(getattr(self, name), name, call)
-        for name in ("alpha", "outer_lr"):
+        for name in ("alpha", "alpha_small", "outer_lr"):
             check_positive(getattr(self, name), name, call, integer=False)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise StudyError(f"{call}: seed={self.seed!r}; expected an integer.")
@@ -89,7 +92,7 @@ class MamlStudy(AbstractStudy):
         family = Sinusoid(shots=10, queries=10)
         eval_tasks = family.sample(self.eval_tasks, seed=self.seed + 1000)
         problem, x0 = maml_problem(), init_maml(self.seed)
-        bar = progress_bar(2 * len(self.n_grid) + len(self.batch_grid), "maml", progress)
+        bar = progress_bar(3 * len(self.n_grid) + len(self.batch_grid), "maml", progress)
         steps: dict[tuple[str, int], list] = {}
         batches: dict[int, list] = {}
         common = dict(outer_steps=self.outer_steps, outer_lr=self.outer_lr, optimizer="sgd", family=family,
@@ -98,7 +101,7 @@ class MamlStudy(AbstractStudy):
             with CsvLog(out / "maml_step_size.csv", STEP_COLUMNS, on_row) as log:
                 report.files.append(log.path)
                 for n in self.n_grid:
-                    for schedule, alpha in (("fixed", self.alpha), ("1/N", self.alpha / n)):
+                    for schedule, alpha in self._schedules(n):
                         pts = steps.setdefault((schedule, n), [])
                         train(problem, x0, lr=alpha, steps=n, meta_batch=self.meta_batch, **common,
                               record=lambda p, s=schedule, n=n, a=alpha, pts=pts: pts.append(
@@ -119,11 +122,15 @@ class MamlStudy(AbstractStudy):
         report.write()
         return report
 
+    def _schedules(self, n: int) -> tuple[tuple[str, float], ...]:
+        return (("fixed", self.alpha), ("fixed-small", self.alpha_small), ("1/N", self.alpha / n))
+
     def _report(self, report: StudyReport, steps: dict, batches: dict) -> None:
-        fig, axes = new_figure(3)
+        fig, axes = new_figure(2, 2)
         rows, outcome = [], {}
+        names = [name for name, _ in self._schedules(1)]
         for i, n in enumerate(self.n_grid):
-            for ax, schedule in zip(axes[:2], ("fixed", "1/N")):
+            for ax, schedule in zip(axes[:3], names):
                 pts = steps[(schedule, n)]
                 ax.plot([p["step"] for p in pts], [p["meta_loss"] for p in pts], color=f"C{i}", marker=".",
                         label=f"N={n}")
@@ -132,21 +139,23 @@ class MamlStudy(AbstractStudy):
                 failed = max(p["failed_tasks"] for p in pts)
                 outcome[(schedule, n)] = "diverged" if diverged else ("no progress" if last >= first else "converges")
                 rows.append((n, schedule, f"{pts[0]['meta_loss']:.3f}", f"{last:.3f}", failed, outcome[(schedule, n)]))
-        for ax, schedule in zip(axes[:2], ("fixed", "1/N")):
+        titles = (f"alpha = {self.alpha:g} (fixed)", f"alpha = {self.alpha_small:g} (fixed)",
+                  f"alpha = {self.alpha:g} / N")
+        for ax, title in zip(axes[:3], titles):
             ax.set(yscale="log", xlabel="outer iteration", ylabel="meta-objective (query MSE after N steps)",
-                   title=f"alpha = {self.alpha:g}" + (" / N" if schedule == "1/N" else " (fixed)"))
+                   title=title)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         floors = {}
         for i, b in enumerate(self.batch_grid):
             pts = batches[b]
-            axes[2].plot([p["step"] for p in pts], [p["meta_loss"] for p in pts], color=f"C{i}", label=f"B={b}")
+            axes[3].plot([p["step"] for p in pts], [p["meta_loss"] for p in pts], color=f"C{i}", label=f"B={b}")
             tail = [p["meta_loss"] for p in pts[-max(1, len(pts) // 4):]]
             floors[b] = sum(tail) / len(tail)
-        axes[2].set(yscale="log", xlabel="outer iteration", ylabel="meta-objective",
+        axes[3].set(yscale="log", xlabel="outer iteration", ylabel="meta-objective",
                     title=f"meta-batch size B (N={self.batch_n}, alpha={self.alpha:g}/{self.batch_n})")
-        axes[2].grid(True, alpha=0.3)
-        axes[2].legend(fontsize=7)
+        axes[3].grid(True, alpha=0.3)
+        axes[3].legend(fontsize=7)
         save_figure(fig, report.out / "maml.png", report.files)
         report.tables["Step-size schedules: start and final meta-objective"] = markdown_table(
             ("N", "schedule", "start", "final", "max failed inner solves in a batch", "outcome"), rows)
@@ -159,13 +168,15 @@ class MamlStudy(AbstractStudy):
         scaled_ok = all(outcome[("1/N", n)] == "converges" for n in ns)
         bad_fixed = [n for n in ns if outcome[("fixed", n)] != "converges"]
         text = ", ".join(f"N={n}: {outcome[('fixed', n)]}" for n in ns)
+        small = ", ".join(f"N={n}: {outcome[('fixed-small', n)]}" for n in ns)
         bs = list(floors)
         rho = spearman(bs, [floors[b] for b in bs]) if len(bs) >= 3 else float("nan")
         return [
             Finding("With a fixed inner step size, N-step MAML can fail to converge as N grows; an inner step size "
                     "proportional to 1/N keeps the meta-gradient well behaved for every N.", SOURCE,
                     f"Fixed alpha={self.alpha:g}: {text}. alpha={self.alpha:g}/N: "
-                    f"{'converges for every N' if scaled_ok else 'fails for some N'}.",
+                    f"{'converges for every N' if scaled_ok else 'fails for some N'}. Smaller fixed "
+                    f"alpha={self.alpha_small:g} (alpha*N <= {self.alpha_small * max(ns):.2g} on this grid): {small}.",
                     scaled_ok and bool(bad_fixed) if len(ns) >= 3 else None),
             Finding("The error floor decreases as the meta-batch size B grows (variance terms in 1/B).", SOURCE,
                     "Floor by B: " + ", ".join(f"B={b}: {floors[b]:.3f}" for b in bs)
@@ -179,7 +190,8 @@ class MamlStudy(AbstractStudy):
             "points; 100 fixed evaluation tasks.",
             "Model: 1-40-40-1 ReLU network (MAML's sinusoid network); every weight adapted; ITD meta-gradient "
             f"(second-order MAML); SGD(lr={self.outer_lr}) on the initialisation; meta-batch {self.meta_batch}.",
-            f"Part 1: alpha = {self.alpha:g} for every N vs alpha = {self.alpha:g}/N. Part 2: N = {self.batch_n}, "
+            f"Part 1: alpha = {self.alpha:g} and alpha = {self.alpha_small:g} for every N, vs alpha = "
+            f"{self.alpha:g}/N. Part 2: N = {self.batch_n}, "
             f"alpha = {self.alpha:g}/{self.batch_n}, meta-batch B in {list(self.batch_grid)}.",
             "Same seed (so the same initialisation and task stream) for every run; wall time excludes evaluation.",
             "Options: " + ", ".join(options_of(self)),

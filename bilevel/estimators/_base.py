@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp
 
+from .. import _runner
 from .._batch import batch_at
 from .._problem import BilevelProblem
 from .._result import InnerSolution
@@ -67,13 +68,16 @@ def inner_grad_fn(problem: BilevelProblem, hparams: Params, inner_batch: Batch) 
     """``(y, k) -> (∇_y g(x, y, batch_k), g)``; ``batch_k`` is ``inner_batch`` or, for a
     :class:`~bilevel.Sampler`, its draw for step ``k``."""
     gv = grad_and_value(lambda y, b: problem.inner_value(hparams, y, b))
-    return lambda y, k: gv(y, batch_at(inner_batch, k))
+    fn = lambda y, k: gv(y, batch_at(inner_batch, k))  # noqa: E731
+    fn.parts = (problem, hparams, inner_batch)  # what a compiled runner (bl.Compiled) rebuilds the steps from
+    return fn
 
 
 def start_of(problem: BilevelProblem, hparams: Params, params0: Params | None) -> Params:
     return problem.start(hparams) if params0 is None else params0
 
 
+@_runner.compilable
 def outer_grads(problem: BilevelProblem, hparams: Params, params: Params,
                 batch: Batch) -> tuple[Params, Params, Tensor]:
     """``(∇_x f, ∇_y f, f)`` at ``(hparams, params)``."""
@@ -84,6 +88,8 @@ def outer_grads(problem: BilevelProblem, hparams: Params, params: Params,
 def hvp_yy(problem: BilevelProblem, hparams: Params, params: Params, batch: Batch,
            mode: HVPMode) -> Callable[[Params], Params]:
     r"""``v -> ∇²_yy g(x, y) v`` at fixed ``(x, y)``."""
+    if (runner := _runner.current()) is not None:  # bl.Compiled: each product is a compiled unit
+        return runner.hvp_yy(problem, hparams, params, batch, mode)
     grad_y = grad(lambda y: problem.inner_value(hparams, y, batch))
     if mode == "forward":
         return lambda v: jvp(grad_y, (params,), (v,))[1]
@@ -91,6 +97,7 @@ def hvp_yy(problem: BilevelProblem, hparams: Params, params: Params, batch: Batc
     return lambda v: pullback(v)[0]
 
 
+@_runner.compilable
 def cross_vjp(problem: BilevelProblem, hparams: Params, params: Params, batch: Batch,
               v: Params, mode: HVPMode) -> Params:
     r"""``∇²_xy g(x, y) v`` (an ``x``-shaped tree): the mixed second derivative applied to ``v``."""

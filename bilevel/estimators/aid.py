@@ -11,7 +11,7 @@ from .._result import RESULTS, combine, first_failure
 from .._tree import Batch, Params, tree_allzero, tree_sub
 from ..inner._base import AbstractInnerSolver, solve
 from ..linear import CG
-from ..linear._base import AbstractLinearSolver
+from ..linear._base import AbstractLinearSolver, SampledOperator
 from ._base import (AbstractEstimator, Counts, Estimate, HVPMode, cross_vjp, hvp_yy, inner_counts, inner_fields,
                     inner_grad_fn, outer_grads, start_of)
 
@@ -96,8 +96,7 @@ def _implicit(problem, hparams, params, batch, gx, gy, linear_solver, adjoint0, 
     (stocBiO's Neumann series), else once for the solve; then once for the cross term."""
     draw = draws(batch, first)
     if is_stochastic(batch) and linear_solver.resamples_operator:
-        def matvec(v):
-            return hvp_yy(problem, hparams, params, draw(), mode)(v)
+        matvec = SampledOperator(lambda: hvp_yy(problem, hparams, params, draw(), mode))
     else:
         matvec = hvp_yy(problem, hparams, params, draw(), mode)
     lin = linear_solver.solve(matvec, gy, adjoint0)

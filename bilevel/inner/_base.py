@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .. import _runner
 from .._result import RESULTS, InnerSolution, combine
 from .._tree import Params, tree_dot, tree_norm, tree_where
 
@@ -84,6 +85,9 @@ def loop_run(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, star
     """
     if stop <= start:
         return loop
+    runner = _runner.current()  # None unless a bl.Compiled call runs the steps as compiled units
+    if runner is not None and (ran := runner.loop_run(solver, loop, grad_fn, start, stop)) is not None:
+        return ran
     masked = solver.tol is not None
     state, steps, done, bad, loss0, loss, gnorm = loop
     losses, sq_norms = [], []

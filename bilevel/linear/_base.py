@@ -12,6 +12,22 @@ from .._tree import Params
 MatVec = Callable[[Params], Params]
 
 
+class SampledOperator:
+    """A matvec that applies a freshly sampled operator at each call: ``sample()`` returns
+    the matvec of one draw ``A_j`` (a mini-batch Hessian), so ``E[A_j] = A`` only on average.
+
+    AID passes one to solvers with ``resamples_operator`` (stocBiO's Neumann series); such a
+    solver may tell it from a fixed operator, e.g. to keep sampling noise in the residual from
+    reading as divergence.
+    """
+
+    def __init__(self, sample: Callable[[], MatVec]) -> None:
+        self.sample = sample
+
+    def __call__(self, v: Params) -> Params:
+        return self.sample()(v)
+
+
 class AbstractLinearSolver:
     """Solve ``A v = b`` for a symmetric operator given as a matrix-vector product.
 

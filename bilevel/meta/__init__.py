@@ -5,13 +5,14 @@ meta-training loop with exact resume, and the sinusoid evaluation protocol."""
 from ._learner import AbstractMetaLearner, MetaGradient
 from ._model import cross_entropy, mse
 from .anil import ANIL
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .closed_form import ClosedForm
+from .evaluate import Evaluation, evaluate, results_table, sinusoid_figure
 from .maml import MAML
 from .meta_sgd import LearnedSGD, MetaSGD
 from .shared_embedding import RidgeHead, SharedEmbedding, SoftmaxHead
-from .evaluate import Evaluation, evaluate, results_table, sinusoid_figure
 from .tasks import TaskPool, Tasks, split
-from .train import CheckpointError, Trainer, TrainResult, load_checkpoint, save_checkpoint
+from .train import Trainer, TrainResult
 
 __all__ = [
     "ANIL", "AbstractMetaLearner", "CheckpointError", "ClosedForm", "Evaluation", "LearnedSGD", "MAML",

@@ -92,12 +92,3 @@ def _without_running_stats(module: nn.Module) -> nn.Module:
     private = copy.deepcopy(module)
     replace_all_batch_norm_modules_(private)
     return private
-
-
-def check_output(forward: Forward, params: Params, x: Tensor, y: Tensor, loss: Loss, owner: str) -> None:
-    """Evaluate the loss once on one task (outside ``vmap``) so shape errors surface with a clear message."""
-    with torch.no_grad():
-        value = loss(forward(params, x), y)
-    if not isinstance(value, Tensor) or value.dim() != 0:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"{owner}(loss=...): the loss returned {shape} for one task; expected a scalar tensor.")

@@ -52,9 +52,10 @@ def make_learner(method: str, *, inner_lr: float = 0.01, inner_steps: int | None
     if method == "imaml":
         # The task losses' Hessians have eigenvalues down to about -30 (ReLU net): lam = 20 keeps the
         # damped system positive definite for CG; the inner step stays below 2 / (L + lam).
+        # Reverse-over-reverse HVPs: 3x faster than forward-over-reverse through ReLU under vmap here.
         cg = linear.CG(max_steps=10, rtol=0.1, atol=1e-6)
         gd = inner.GradientDescent(lr=inner_lr / 2, steps=steps)
-        return MAML(net, inner=gd, estimator=estimators.IMAML(lam=lam or 20.0, linear_solver=cg))
+        return MAML(net, inner=gd, estimator=estimators.IMAML(lam=lam or 20.0, linear_solver=cg, hvp="reverse"))
     if method == "esj":
         return MAML(net, inner=gd, estimator=estimators.ESJ(directions=directions, smoothing=smoothing, seed=seed))
     if method == "anil":
@@ -64,6 +65,15 @@ def make_learner(method: str, *, inner_lr: float = 0.01, inner_steps: int | None
     if method == "shared-ridge":
         return SharedEmbedding(net, head=RidgeHead(lam=lam or 0.1))
     raise ValueError(f"make_learner(method={method!r}): expected one of {METHODS}.")
+
+
+def protocol_learner(learner: AbstractMetaLearner, inner_lr: float) -> AbstractMetaLearner:
+    """The learner evaluation adapts with: plain gradient descent of step ``inner_lr`` for MAML-type
+    learners whatever they trained with (the published protocol); Meta-SGD keeps its learned step
+    sizes and the shared embedding its closed-form head."""
+    if isinstance(learner, (MAML, ANIL)):
+        return dataclasses.replace(learner, inner=inner.GradientDescent(lr=inner_lr, steps=1))
+    return learner
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -77,9 +87,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="sinusoid: MAML's family; sinusoid-freq: Meta-SGD's (frequency in [0.8, 1.2])")
     p.add_argument("--method", choices=METHODS, default="maml")
     p.add_argument("--shots", type=int, default=10, help="support (and query) points per training task (10)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--iterations", type=int, default=None, help="meta-steps (default 70000)")
-    budget.add_argument("--minutes", type=float, default=None, help="training-time budget instead of --iterations")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="meta-steps (default 70000, or unlimited when only --minutes is given)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training-time budget in minutes; with --iterations, whichever comes first")
     p.add_argument("--out", default=None, help="output folder (default runs/meta-TASK-METHOD)")
     p.add_argument("--meta-batch", type=int, default=25)
     p.add_argument("--outer-lr", type=float, default=1e-3)
@@ -95,6 +106,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds a checkpoint")
+    p.add_argument("--drop-failed-tasks", action="store_true",
+                   help="leave tasks whose hypergradient fails (e.g. a diverging inner loop) out of the step's "
+                        "mean and count them in metrics.csv, instead of stopping")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -115,17 +129,19 @@ def run(args: argparse.Namespace) -> int:
     family = Sinusoid(shots=args.shots) if args.task == "sinusoid" else Sinusoid.meta_sgd(shots=args.shots)
     learner = make_learner(args.method, inner_lr=args.inner_lr, inner_steps=args.inner_steps, lam=args.lam,
                            directions=args.directions, smoothing=args.smoothing, seed=args.seed)
-    iterations = 70_000 if args.iterations is None and args.minutes is None else (args.iterations or 10**9)
+    iterations = args.iterations if args.iterations is not None else (10**9 if args.minutes else 70_000)
     trainer = Trainer(iterations=iterations, minutes=args.minutes, meta_batch=args.meta_batch,
                       outer_lr=args.outer_lr, seed=args.seed, val_every=args.val_every,
-                      checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+                      checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+                      on_failure="drop" if args.drop_failed_tasks else "raise")
     out = Path(args.out or f"runs/meta-{args.task}-{args.method}")
     trained = trainer.run(learner, family, out, resume=not args.no_resume)
 
     held_out = dataclasses.replace(family, shots=args.eval_shots, queries=100)
     tasks = held_out.sample(args.eval_tasks, EVAL_SEED)
-    ev = evaluate(learner, trained.hparams, tasks, steps=(0, 1, 5, 10))
-    sinusoid_figure(learner, trained.hparams, tasks, out / "figure.png",
+    judge = protocol_learner(learner, args.inner_lr)
+    ev = evaluate(judge, trained.hparams, tasks, steps=(0, 1, 5, 10))
+    sinusoid_figure(judge, trained.hparams, tasks, out / "figure.png",
                     title=f"{args.method}, {args.eval_shots}-shot, after {trained.iteration} meta-steps")
     command = "bilevel " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "bilevel meta-train"
     label = f"{args.method} ({trained.iteration} it.)"

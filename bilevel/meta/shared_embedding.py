@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
@@ -17,7 +16,7 @@ from ..inner._base import AbstractInnerSolver
 from ._learner import AbstractMetaLearner
 from ._model import Forward, Functional, cross_entropy, mse
 from .closed_form import ClosedForm
-from .tasks import Pair, split, support_of
+from .tasks import Pair, support_of
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -13,21 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .._tree import Params
 from ._learner import AbstractMetaLearner, MetaGradient
+from .checkpoint import FORMAT, CheckpointError, describe, load_checkpoint, save_checkpoint, write_metrics
 from .tasks import check_meta_batch
 
-FORMAT = 1
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
-COLUMNS = ("iteration", "elapsed_s", "train_loss", "val_loss")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: unreadable, corrupt, or written for another configuration."""
 
 
 @dataclass
@@ -38,8 +31,9 @@ class TrainResult:
         hparams: the final meta-parameters.
         iteration: meta-steps done in all (resumed runs included).
         history: one row per validation: ``iteration``, ``elapsed_s``, ``train_loss`` (mean query
-            loss of the meta-batches since the last row) and ``val_loss`` (mean query loss of the
-            validation tasks after adaptation).
+            loss of the meta-batches since the last row), ``val_loss`` (mean query loss of the
+            validation tasks after adaptation) and ``dropped_tasks`` (failed tasks left out since
+            the last row; always 0 with ``on_failure="raise"``).
         elapsed_s: training time in all, resumed segments included.
         stopped: ``"iterations"``, ``"minutes"`` (time budget) or ``"done"`` (nothing left to do).
     """
@@ -77,6 +71,10 @@ class Trainer:
         val_every, val_tasks: validation period and size (defaults 1000 and 100).
         checkpoint_every: checkpoint period (default 1000).
         progress: show a tqdm progress bar (default ``True``).
+        on_failure: ``"raise"`` (default): a task whose hypergradient fails (say, a diverging
+            inner loop) stops training with the :class:`~bilevel.BilevelError`; ``"drop"``: such
+            tasks are left out of that step's mean (a step whose tasks all fail is skipped) and
+            counted in the ``dropped_tasks`` column — never silently.
 
     Example:
         >>> import torch, bilevel as bl, tempfile
@@ -98,6 +96,7 @@ class Trainer:
     val_tasks: int = 100
     checkpoint_every: int = 1000
     progress: bool = True
+    on_failure: str = "raise"
 
     def __post_init__(self) -> None:
         check_meta_batch(self.meta_batch, "Trainer")
@@ -111,12 +110,15 @@ class Trainer:
             raise ValueError(f"Trainer(outer_lr={self.outer_lr!r}): the outer step size must be positive.")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"Trainer(optimizer={self.optimizer!r}): expected 'adam' or 'sgd'.")
+        if self.on_failure not in ("raise", "drop"):
+            raise ValueError(f"Trainer(on_failure={self.on_failure!r}): expected 'raise' or 'drop'.")
 
     def config(self, learner: AbstractMetaLearner, family: object) -> dict[str, Any]:
         """What a checkpoint must match to be resumed (budgets and periods may change)."""
         return {"format": FORMAT, "learner": describe(learner), "family": describe(family),
                 "meta_batch": self.meta_batch, "outer_lr": self.outer_lr, "optimizer": self.optimizer,
-                "seed": self.seed, "val_every": self.val_every, "val_tasks": self.val_tasks}
+                "seed": self.seed, "val_every": self.val_every, "val_tasks": self.val_tasks,
+                "on_failure": self.on_failure}
 
     def run(self, learner: AbstractMetaLearner, family: object, out: str | os.PathLike | None = None, *,
             hparams: Params | None = None, resume: bool = True,
@@ -142,27 +144,31 @@ class Trainer:
         val = family.sample(self.val_tasks, self.seed + 1_000_003)  # type: ignore[attr-defined]
         reseed = isinstance(getattr(learner.estimator, "seed", None), int)
         deadline = math.inf if self.minutes is None else 60.0 * self.minutes
-        begun, losses = time.perf_counter() - result.elapsed_s, []
+        begun, losses, dropped = time.perf_counter() - result.elapsed_s, [], 0
         result.stopped = "done" if result.iteration >= self.iterations or result.elapsed_s >= deadline else "iterations"
         bar = tqdm(total=self.iterations, initial=result.iteration, disable=not self.progress, mininterval=1.0,
                    desc=f"meta-train {type(learner).__name__}")
         while result.stopped != "done" and result.iteration < self.iterations:
             estimator = (dataclasses.replace(learner.estimator, seed=learner.estimator.seed + result.iteration)
                          if reseed else None)
-            mg = learner.meta_gradient(x, family.sample(self.meta_batch, gen), estimator=estimator)  # type: ignore
-            for key, value in x.items():
-                value.grad = mg.value[key].detach()
-            opt.step()
+            mg = learner.meta_gradient(x, family.sample(self.meta_batch, gen), estimator=estimator,  # type: ignore
+                                       throw=self.on_failure == "raise")
+            value, loss, failed = _kept(mg)
+            dropped += failed
+            if value is not None:
+                for key, param in x.items():
+                    param.grad = value[key].detach()
+                opt.step()
+                losses.append(loss)
             result.iteration += 1
-            losses.append(float(mg.loss))
             result.elapsed_s = time.perf_counter() - begun
             timed_out = result.elapsed_s >= deadline
             last = timed_out or result.iteration == self.iterations
             if result.iteration % self.val_every == 0 or last:
                 result.history.append({"iteration": result.iteration, "elapsed_s": round(result.elapsed_s, 3),
-                                       "train_loss": sum(losses) / len(losses),
-                                       "val_loss": validation_loss(learner, x, val)})
-                losses = []
+                                       "train_loss": sum(losses) / len(losses) if losses else math.nan,
+                                       "val_loss": validation_loss(learner, x, val), "dropped_tasks": dropped})
+                losses, dropped = [], 0
                 bar.set_postfix(train=f"{result.history[-1]['train_loss']:.3f}",
                                 val=f"{result.history[-1]['val_loss']:.3f}")
                 if folder is not None:
@@ -179,24 +185,22 @@ class Trainer:
         return result
 
 
+def _kept(mg: MetaGradient) -> tuple[Params | None, float, int]:
+    """The meta-gradient and loss over the tasks that succeeded, and how many failed."""
+    results = mg.hypergrad.task_results or []
+    ok = torch.tensor([r.code == 0 for r in results], dtype=torch.bool)
+    failed = int((~ok).sum()) if results else 0
+    if failed == 0:
+        return mg.value, float(mg.loss), 0
+    if failed == len(results):
+        return None, math.nan, failed
+    value = {k: v[ok].mean(0) for k, v in mg.hypergrad.value.items()}
+    return value, float(mg.hypergrad.outer_value[ok].mean()), failed
+
+
 def validation_loss(learner: AbstractMetaLearner, hparams: Params, tasks: object) -> float:
     """Mean query loss of ``tasks`` after adapting with the learner's inner solver."""
     return float(learner.losses(hparams, learner.adapt(hparams, tasks), tasks).mean())
-
-
-def describe(obj: object) -> str:
-    """A stable text of a configuration (no memory addresses): dataclasses field by field,
-    functions by qualified name, modules by their repr."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = ", ".join(f"{f.name}={describe(getattr(obj, f.name))}" for f in dataclasses.fields(obj) if f.repr)
-        return f"{type(obj).__name__}({fields})"
-    if isinstance(obj, nn.Module):
-        return " ".join(repr(obj).split())
-    if isinstance(obj, (tuple, list)):
-        return "(" + ", ".join(describe(v) for v in obj) + ")"
-    if callable(obj) and hasattr(obj, "__qualname__"):
-        return f"{getattr(obj, '__module__', '?')}.{obj.__qualname__}"
-    return repr(obj)
 
 
 def _state(config: dict, x: Params, opt: torch.optim.Optimizer, gen: torch.Generator,
@@ -219,55 +223,3 @@ def _restore(state: dict[str, Any], x: Params, opt: torch.optim.Optimizer, gen: 
     gen.set_state(state["generator"])
     result.iteration, result.elapsed_s = int(state["iteration"]), float(state["elapsed_s"])
     result.history = [dict(r) for r in state["history"]]
-
-
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file, flushed to disk, then renamed over
-    ``path``. If anything fails the temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``; check its contents and, when
-    ``config`` is given, that it was written for the same configuration."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"load_checkpoint({str(path)!r}): the file is not a readable checkpoint "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it may be "
-                              "truncated or corrupt. Fix: delete it to start over, or use another out folder.") from err
-    keys = {"config", "iteration", "elapsed_s", "hparams", "optimizer", "generator", "history"}
-    if not isinstance(state, dict) or not keys <= set(state):
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"load_checkpoint({str(path)!r}): not a bilevel meta-training checkpoint "
-                              f"(expected the keys {sorted(keys)}, found {found}).")
-    if config is not None and state["config"] != config:
-        saved = state["config"]
-        diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {config.get(k)!r} now"
-                for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
-        raise CheckpointError(f"load_checkpoint({str(path)!r}): the checkpoint was written for a different "
-                              f"configuration ({'; '.join(diff)}). Fix: run with the same options to resume, "
-                              "or give a new out folder to start afresh.")
-    return state
-
-
-def write_metrics(path: str | os.PathLike, history: list[dict[str, float]]) -> None:
-    """Write the history as CSV, atomically (a resumed run rewrites it from its checkpoint)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)

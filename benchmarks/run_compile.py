@@ -1,0 +1,195 @@
+"""Compiled execution (``bl.Compiled``) against eager: run and compile times, one markdown table.
+
+    python -m benchmarks.run_compile [--dims 200 2000] [--configs AID+CG/chunk:10 ...] [--maml]
+                                     [--repeat 7] [--clock thread|wall] [--warm-disk-cache] [--out docs/compile.md]
+
+Every configuration runs in a fresh worker process (``--worker``), so that its compile time is
+what a user pays in a new process: the inductor and AOT-autograd on-disk caches are switched off
+unless ``--warm-disk-cache``. In the worker, the first ``bl.hypergrad`` call compiles
+(``compile_s`` is its ``stats["compile_s"]``, ``compile CPU`` the CPU seconds of the worker and its
+compiler subprocesses during that call); then the compiled call, the library's eager call and the
+hand-written eager torch.func reference of :mod:`benchmarks._reference` are timed best-of-``repeat``,
+interleaved, in that process. Float32, one thread, ridge problem with n = 1000, 100 gradient steps,
+then 10 CG iterations (AID+CG) or 10 Neumann terms, 10 taped steps for ITD(truncate=10).
+
+A configuration is ``ESTIMATOR/GRANULARITY[:CHUNK][/HVP]``, e.g. ``AID+CG/chunk:10/reverse``;
+``ESTIMATOR`` is one of :data:`benchmarks._reference.ESTIMATORS`. ``--maml`` adds the MAML
+sinusoid meta-step (meta-batch 25, N = 1 and 5, vmapped over tasks; :mod:`benchmarks.bench_meta`)
+with ``bl.Compiled(bl.ITD(), granularity=...)`` against the library's eager meta-gradient and the
+hand-written vmapped torch.func reference.
+
+With ``--out FILE``: the table replaces what lies between ``<!-- run_compile:begin -->`` and
+``<!-- run_compile:end -->`` in FILE (the prose around it stays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+
+BEGIN, END = "<!-- run_compile:begin -->", "<!-- run_compile:end -->"
+DEFAULT_CONFIGS = ("AID+CG/step", "AID+CG/chunk:10", "AID+CG/chunk:25", "AID+CG/solve",
+                   "AID+CG/chunk:10/reverse", "ITD/chunk:10", "ITD(truncate=10)/chunk:10", "FirstOrder/chunk:10",
+                   "AID+Neumann/chunk:10")
+MAML_CONFIGS = ("MAML:1/estimator", "MAML:5/estimator", "MAML:1/chunk:10", "MAML:5/chunk:10")
+
+
+def parse(config: str) -> tuple[str, str, int, str | None]:
+    """``(estimator, granularity, chunk, hvp)`` of ``ESTIMATOR/GRANULARITY[:CHUNK][/HVP]``."""
+    parts = config.split("/")
+    name, gran = parts[0], parts[1]
+    hvp = parts[2] if len(parts) > 2 else None
+    gran, _, chunk = gran.partition(":")
+    return name, gran, int(chunk) if chunk else 10, hvp
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (inductor's compiler subprocesses)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def worker(dim: int, config: str, repeat: int, clock_name: str, warm_disk_cache: bool) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    if not warm_disk_cache:
+        import torch._functorch.config
+        import torch._inductor.config
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
+    import bilevel as bl
+    from ._reference import best_of
+    clock = time.thread_time if clock_name == "thread" else time.perf_counter
+    name, gran, chunk, hvp = parse(config)
+    if name.startswith("MAML:"):
+        return maml_worker(int(name.split(":")[1]), gran, chunk, repeat, clock)
+    from ._reference import exact_solution, library_estimator, make_case, reference_call
+    case = make_case(dim, torch.float32, exact_solution(dim))
+    inner = bl.GradientDescent(lr=case.lr, steps=100)
+    plain = library_estimator(name, case.lr)
+    compiled = bl.Compiled(plain, granularity=gran, chunk=chunk, hvp=hvp)
+    train, val = case.ridge.train, case.ridge.val
+
+    def call(estimator):
+        return lambda: bl.hypergrad(case.ridge.problem, case.hparams, case.params0, inner=inner,
+                                    estimator=estimator, inner_batch=train, outer_batch=val, throw=False)
+
+    started, cpu0 = time.perf_counter(), cpu_seconds()
+    first = call(compiled)()
+    first_wall, first_cpu = time.perf_counter() - started, cpu_seconds() - cpu0
+    second = call(compiled)()
+    eager = call(plain)()
+    diff = ((first.value["log_lam"] - eager.value["log_lam"]).norm() / eager.value["log_lam"].norm()).item()
+    best = best_of({"compiled": call(compiled), "eager": call(plain), "reference": reference_call(name, case)},
+                   repeat, clock=clock)
+    return dict(dim=dim, config=config, compile_s=first.stats["compile_s"], first_call_s=first_wall,
+                compile_cpu_s=first_cpu, second_compile_s=second.stats["compile_s"], rel_diff=diff,
+                status=first.result.name, **{f"{k}_ms": v * 1e3 for k, v in best.items()})
+
+
+def maml_worker(steps: int, gran: str, chunk: int, repeat: int, clock) -> dict:
+    import torch
+    from torch import nn
+
+    import bilevel as bl
+    from bilevel.datasets import Sinusoid
+
+    from ._reference import best_of
+    from .bench_meta import ALPHA, META_BATCH, SHOTS, make_setup
+    calls = make_setup(steps)  # the hand-written reference, on the same network, data and seed
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    theta = {k: v.detach().clone() for k, v in net.named_parameters()}
+    tasks = Sinusoid(shots=SHOTS).sample(META_BATCH, seed=0)
+    inner = bl.GradientDescent(lr=ALPHA, steps=steps)
+    eager = bl.meta.MAML(net, inner=inner)
+    compiled = bl.meta.MAML(net, inner=inner, estimator=bl.Compiled(bl.ITD(), granularity=gran, chunk=chunk))
+    started, cpu0 = time.perf_counter(), cpu_seconds()
+    first = compiled.meta_gradient(theta, tasks)
+    first_wall, first_cpu = time.perf_counter() - started, cpu_seconds() - cpu0
+    second = compiled.meta_gradient(theta, tasks)
+    ref = eager.meta_gradient(theta, tasks)
+    diff = max(float((first.value[k] - ref.value[k]).norm() / ref.value[k].norm()) for k in ref.value)
+    best = best_of({"compiled": lambda: compiled.meta_gradient(theta, tasks),
+                    "eager": lambda: eager.meta_gradient(theta, tasks),
+                    "reference": calls["reference"]}, repeat, clock=clock)
+    return dict(dim=0, config=f"MAML N={steps}/{gran}" + (f":{chunk}" if gran == "chunk" else ""),
+                compile_s=first.hypergrad.stats["compile_s"], first_call_s=first_wall, compile_cpu_s=first_cpu,
+                second_compile_s=second.hypergrad.stats["compile_s"], rel_diff=diff,
+                status=first.hypergrad.result.name, **{f"{k}_ms": v * 1e3 for k, v in best.items()})
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| problem | configuration | reference (ms) | library eager (ms) | compiled (ms) | reference / compiled "
+            "| compile_s (first call) | compile CPU s | compile_s (second call) | rel. diff. vs eager | status |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        problem = f"ridge d={r['dim']}" if r["dim"] else "MAML sinusoid"
+        lines.append(f"| {problem} | `{r['config']}` | {r['reference_ms']:.1f} | {r['eager_ms']:.1f} | "
+                     f"{r['compiled_ms']:.2f} | **{r['reference_ms'] / r['compiled_ms']:.1f}x** | "
+                     f"{r['compile_s']:.1f} | {r['compile_cpu_s']:.1f} | {r['second_compile_s']:.2f} | "
+                     f"{r['rel_diff']:.1e} | `{r['status']}` |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run_compile", description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[200, 2000])
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
+    parser.add_argument("--maml", action="store_true", help="add the MAML sinusoid meta-step")
+    parser.add_argument("--repeat", type=int, default=7, help="best of this many interleaved runs (default 7)")
+    parser.add_argument("--clock", choices=["thread", "wall"], default="thread",
+                        help="thread: CPU time of the timing thread (steadier on a loaded machine); wall: wall time")
+    parser.add_argument("--warm-disk-cache", action="store_true", help="keep torch's on-disk compile caches on")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker (default 1800)")
+    parser.add_argument("--out", default=None, help="markdown file to write the table into")
+    parser.add_argument("--worker", nargs=2, metavar=("DIM", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(int(args.worker[0]), args.worker[1], args.repeat, args.clock, args.warm_disk_cache)))
+        return
+    started = time.strftime("%Y-%m-%d %H:%M")
+    jobs = [(dim, c) for dim in args.dims for c in args.configs] + ([(0, c) for c in MAML_CONFIGS] if args.maml else [])
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for dim, config in jobs:
+        cmd = [sys.executable, "-m", "benchmarks.run_compile", "--worker", str(dim), config, "--repeat",
+               str(args.repeat), "--clock", args.clock] + (["--warm-disk-cache"] if args.warm_disk_cache else [])
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True)
+        except subprocess.CalledProcessError as err:
+            print(f"  {config} d={dim}: worker failed\n{err.stderr[-2000:]}", file=sys.stderr, flush=True)
+            continue
+        except subprocess.TimeoutExpired:
+            print(f"  {config} d={dim}: worker timed out after {args.timeout:.0f} s", file=sys.stderr, flush=True)
+            continue
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"  {row['config']:28s} d={dim:5d}  ref {row['reference_ms']:7.1f} ms  eager {row['eager_ms']:7.1f} ms  "
+              f"compiled {row['compiled_ms']:7.2f} ms  compile {row['compile_s']:6.1f} s", file=sys.stderr, flush=True)
+    command = "python -m benchmarks.run_compile " + " ".join(sys.argv[1:] if argv is None else argv)
+    import torch
+    text = (f"{table(rows)}\n\nProduced by `{command.strip()}` on {started} ({platform.machine()}, "
+            f"{os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {platform.python_version()}, one thread, "
+            f"best of {args.repeat}, {args.clock} clock, on-disk compile caches "
+            f"{'on' if args.warm_disk_cache else 'off'}).")
+    print(text)
+    if args.out:
+        old = open(args.out).read() if os.path.exists(args.out) else ""
+        if BEGIN in old and END in old:
+            new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", old, flags=re.S)
+        else:
+            new = f"{old}\n{BEGIN}\n{text}\n{END}\n"
+        with open(args.out, "w") as fh:
+            fh.write(new)
+
+
+if __name__ == "__main__":
+    main()

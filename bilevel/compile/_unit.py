@@ -1,0 +1,274 @@
+"""Compiled units: pure functions of tensors, run through :func:`torch.compile`, usable under ``torch.func``.
+
+A :class:`Unit` is a pure function ``fn(*tensors) -> tuple[Tensor, ...]`` plus the
+options it is compiled with. :func:`run` executes it:
+
+* with no ``torch.func`` transform active, directly through its compiled form;
+* under ``grad``/``vjp``/``vmap``, through :class:`_Function`, a
+  :class:`torch.autograd.Function` whose ``forward`` runs the compiled unit,
+  whose ``backward`` is another unit (the ``vjp`` of this one) and whose ``vmap``
+  rule is another unit (``vmap`` of this one). ``torch.func`` peels one transform
+  per level before it calls these rules, so every compiled call happens with no
+  transform active, which is the one situation :func:`torch.compile` supports
+  (PyTorch issue #128711); the transforms themselves are traced *inside* the
+  compiled function, as ``torch.func.vmap`` / ``torch.func.vjp`` calls.
+
+Each distinct unit (function, options, stack of transforms) is compiled once,
+into its own code object, so that dynamo's per-code-object cache and recompile
+limit see only that unit's shapes. A unit that cannot be compiled (dynamo cannot
+trace it, no working C++ compiler, ...) is run eagerly from then on, after one
+warning that names it and says why.
+"""
+
+from __future__ import annotations
+
+import collections
+import types
+import warnings
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.func import vjp, vmap
+
+from .. import _runner
+
+#: ``("vmap", in_dims, randomness)`` or ``("vjp", in_mask, out_mask)``.
+Transform = tuple
+_FAILED = object()
+_failed_groups: set[Hashable] = set()
+_broken_backends: set[str] = set()
+_CACHE_SIZE = 256
+_cache: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+_warned: set[Hashable] = set()
+_counter = [0]
+
+
+@dataclass(frozen=True)
+class Options:
+    """How units are compiled: :func:`torch.compile`'s ``backend``, ``mode`` and ``dynamic``."""
+
+    backend: str = "inductor"
+    mode: str | None = None
+    dynamic: bool = False
+
+
+@dataclass(frozen=True)
+class Unit:
+    """``fn(*tensors) -> tuple of tensors``, identified by ``key`` (which must determine ``fn``).
+
+    ``name`` says what the unit is, for warnings (e.g. ``"10 inner steps of g=ridge_inner"``).
+    Units of one ``group`` (one problem) fall back to eager together: when one of them
+    cannot be compiled, the others run eagerly too (``group_name`` names the group).
+    ``transforms`` are applied to ``fn`` in order (the first is innermost).
+    """
+
+    key: Hashable
+    fn: Callable[..., tuple[Tensor, ...]] = field(compare=False)
+    name: str = field(default="", compare=False)
+    group: Hashable = field(default=None, compare=False)
+    group_name: str = field(default="", compare=False)
+    options: Options = Options()
+    transforms: tuple[Transform, ...] = ()
+
+    def vmapped(self, in_dims: tuple[int | None, ...], randomness: str) -> "Unit":
+        return replace(self, transforms=self.transforms + (("vmap", in_dims, randomness),))
+
+    def vjp(self, in_mask: tuple[bool, ...], out_mask: tuple[bool, ...]) -> "Unit":
+        return replace(self, transforms=self.transforms + (("vjp", in_mask, out_mask),))
+
+    def build(self) -> Callable[..., tuple[Tensor, ...]]:
+        """The eager function: ``fn`` under its transforms."""
+        fn = self.fn
+        for t in self.transforms:
+            fn = vmap(fn, in_dims=t[1], randomness=t[2]) if t[0] == "vmap" else _vjp_of(fn, t[1], t[2])
+        return fn
+
+
+def _vjp_of(fn: Callable, in_mask: tuple[bool, ...], out_mask: tuple[bool, ...]) -> Callable:
+    """``(*inputs, *cotangents) -> grads of the selected outputs w.r.t. the selected inputs``."""
+    n_in = len(in_mask)
+    idx = [i for i, m in enumerate(in_mask) if m]
+    oidx = [j for j, m in enumerate(out_mask) if m]
+
+    def pulled(*args: Tensor) -> tuple[Tensor, ...]:
+        inputs, cots = args[:n_in], args[n_in:]
+
+        def restricted(*diff: Tensor) -> tuple[Tensor, ...]:
+            full = list(inputs)
+            for i, d in zip(idx, diff):
+                full[i] = d
+            out = fn(*full)
+            return tuple(out[j] for j in oidx)
+
+        _, pullback = vjp(restricted, *(inputs[i] for i in idx))
+        return tuple(pullback(tuple(cots)))
+
+    return pulled
+
+
+def run(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Execute ``unit`` on ``leaves``, compiled, under whatever transforms are active.
+
+    ``grad``/``vjp`` and ``vmap`` (nested in any order) are supported; under forward-mode
+    transforms (``jvp``, ``jacfwd``) and ``functionalize`` the unit runs eagerly after a
+    one-time warning.
+    """
+    top = torch._C._functorch.peek_interpreter_stack()
+    if top is None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
+            return _Function.apply(unit, *leaves)
+        return _execute(unit, leaves)
+    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    unsupported = kinds - {TransformType.Grad, TransformType.Vmap}
+    if unsupported:
+        names = ", ".join(sorted(k.name.lower() for k in unsupported))
+        warn_once(("transform", names), f"bl.Compiled: compiled units do not run under torch.func "
+                  f"transform(s) {names} (forward-mode AD or functionalize); running {unit.name} and the "
+                  "like eagerly there (same numbers, eager speed). grad, vjp and vmap are supported.")
+        return eager(unit, leaves)
+    return _Function.apply(unit, *leaves)
+
+
+class _Function(torch.autograd.Function):
+    """The bridge between ``torch.func`` transforms and compiled units (see the module docstring)."""
+
+    @staticmethod
+    def forward(unit: Unit, *leaves: Tensor) -> tuple[Tensor, ...]:
+        out = _execute(unit, leaves)
+        # An input returned as-is cannot also be saved for backward: hand back a copy.
+        return tuple(o.clone() if any(o is t for t in leaves) else o for o in out)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        unit, *leaves = inputs
+        ctx.unit = unit
+        ctx.save_for_backward(*leaves)
+        ctx.mark_non_differentiable(*(o for o in output if not o.is_floating_point()))
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *cots: Tensor | None) -> tuple[Tensor | None, ...]:
+        leaves = ctx.saved_tensors
+        in_mask = tuple(bool(n) and t.is_floating_point() for n, t in zip(ctx.needs_input_grad[1:], leaves))
+        out_mask = tuple(c is not None for c in cots)
+        if not any(in_mask) or not any(out_mask):
+            return (None,) * (1 + len(leaves))
+        grads = iter(run(ctx.unit.vjp(in_mask, out_mask), (*leaves, *(c for c in cots if c is not None))))
+        return (None, *(next(grads) if m else None for m in in_mask))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, unit: Unit, *leaves: Tensor) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        out = run(unit.vmapped(tuple(in_dims[1:]), info.randomness), leaves)
+        return out, (0,) * len(out)
+
+
+def _execute(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Run the compiled form of ``unit`` (compiling it on first use); eagerly if it cannot be compiled."""
+    cache_key = unit
+    compiled = _cache.get(cache_key)
+    if compiled is None:
+        compiled = _compile(unit)
+        _cache[cache_key] = compiled
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(cache_key)
+    if compiled is _FAILED or unit.group in _failed_groups or unit.options.backend in _broken_backends:
+        return eager(unit, leaves)
+    try:
+        return compiled(*leaves)
+    except Exception as err:  # noqa: BLE001 - any failure to compile falls back to the eager unit
+        out = eager(unit, leaves)  # a genuine error in the user's code raises here, with its notes
+        _cache[cache_key] = _FAILED
+        if _is_compiler_failure(err):
+            _broken_backends.add(unit.options.backend)
+            warn_once(("backend", unit.options.backend),
+                      f"bl.Compiled: torch.compile's {unit.options.backend!r} backend failed to build "
+                      f"{unit.name} ({describe(err)}), so it has no working C++ compiler here. Running every "
+                      "compiled unit eagerly from now on (same numbers, eager speed). Fix: install g++ (or set "
+                      "CXX), or pass backend='aot_eager'.")
+        else:
+            if unit.group is not None:
+                _failed_groups.add(unit.group)
+            what = f"the problem with {unit.group_name}" if unit.group is not None else "it"
+            warn_once(("unit", unit.group if unit.group is not None else unit.key),
+                      f"bl.Compiled: could not compile {unit.name}: {describe(err)} Running {what} eagerly "
+                      "from now on (same numbers, eager speed). Fix: keep data-dependent Python control flow "
+                      "(if on tensor values, .item()) out of the objectives, e.g. with torch.where.")
+        return out
+
+
+def eager(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The unit run eagerly (no runner installed, so the primitives inside run as written)."""
+    with _runner.installed(None):
+        return tuple(unit.build()(*leaves))
+
+
+def _compile(unit: Unit) -> Any:
+    _runner.watch_compiles()
+    fn = unit.build()
+    _counter[0] += 1
+    name = f"bilevel_unit_{_counter[0]}"
+
+    def call(*args: Tensor) -> tuple[Tensor, ...]:
+        return tuple(fn(*args))
+
+    # A fresh code object per unit: dynamo caches compiled graphs (and counts recompiles) per code object.
+    code = call.__code__.replace(co_name=name, co_qualname=name)
+    fresh = types.FunctionType(code, call.__globals__, name, None, call.__closure__)
+    opts = unit.options
+    try:
+        return torch.compile(fresh, fullgraph=True, dynamic=opts.dynamic, backend=opts.backend, mode=opts.mode)
+    except Exception as err:  # noqa: BLE001 - e.g. an unknown backend, or an unsupported Python / torch
+        warn_once(("compile", opts), f"bl.Compiled: torch.compile is not usable here ({describe(err)}). "
+                                    "Running eagerly instead (same numbers, eager speed).")
+        return _FAILED
+
+
+def _is_compiler_failure(err: BaseException) -> bool:
+    """Whether the C++ toolchain failed (rather than dynamo failing to trace the user's code)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if type(err).__name__ in ("CppCompileError", "InvalidCxxCompiler"):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def describe(err: BaseException) -> str:
+    """One line: the exception type, the first line of its message and the user frame it names."""
+    text = str(err).strip().splitlines()
+    head = next((line.strip() for line in text if line.strip()), "")
+    reason = f"{type(err).__name__}: {head}"[:300]
+    frame = _user_frame(err)
+    return f"{reason}{f' (at {frame})' if frame else ''}."
+
+
+def _user_frame(err: BaseException) -> str | None:
+    """The innermost frame of the user's code (outside torch and bilevel) that dynamo reports."""
+    stack = getattr(err, "real_stack", None) or []
+    for frame in reversed(list(stack)):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and "/bilevel/" not in path:
+            return f"{frame.name} in {path}:{frame.lineno}"
+    return None
+
+
+def warn_once(key: Hashable, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def clear() -> None:
+    """Forget every compiled unit and warning (the tests use this; dynamo's own caches remain)."""
+    _cache.clear()
+    _warned.clear()
+    _failed_groups.clear()
+    _broken_backends.clear()

@@ -1,0 +1,193 @@
+"""``Compiled``: run any estimator's inner steps, HVPs and linear solves through ``torch.compile``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .. import _runner
+from .._batch import is_stochastic
+from .._problem import BilevelProblem
+from .._tree import Batch, Params
+from ..estimators._base import AbstractEstimator, Counts, Estimate
+from ..inner._base import AbstractInnerSolver
+from ._primitives import CompiledLinearSolver, Runner
+from ._unit import Options, warn_once
+
+Granularity = Literal["step", "chunk", "solve", "estimator"]
+_GRANULARITIES = ("step", "chunk", "solve", "estimator")
+
+
+@dataclass(frozen=True)
+class Compiled(AbstractEstimator):
+    r"""Run ``estimator`` through :func:`torch.compile`: the same hypergradient (up to
+    floating-point reassociation), without eager PyTorch's per-operation overhead.
+
+    Every estimator is written in a few primitives — a run of inner steps, a
+    Hessian-vector product, a linear solve, the outer gradients. ``Compiled`` executes
+    each primitive as a compiled *unit* and leaves the estimator's own logic as it is,
+    so it composes with every estimator (``ITD``, ``FirstOrder``, ``AID``, ``IMAML``,
+    ``ESJ``, ``Reptile``), with :func:`~bilevel.vmap_hypergrad` and the meta-learners,
+    and with a user's own :func:`torch.func.vmap` / :func:`torch.func.grad` around
+    :func:`~bilevel.hypergrad`: ``torch.func`` transforms are traced inside the compiled
+    units (through a :class:`torch.autograd.Function` whose backward and vmap rules are
+    compiled units too), so ITD differentiates through compiled inner steps.
+
+    ``granularity`` chooses what one unit is (see the table in the docs, "Compiled
+    execution", for compile and run times on the ridge benchmark):
+
+    * ``"chunk"`` (default): ``chunk`` inner steps per unit, one unit per linear solve
+      (all its iterations and HVPs) and per outer gradient. Compile time does not grow
+      with the number of inner steps: a second chunk reuses the first one's code.
+    * ``"step"``: one inner step per unit and one HVP per unit (the linear solver's own
+      iterations stay eager). The cheapest to compile; the most calls.
+    * ``"solve"``: the whole inner solve is one unit (compile time grows with ``steps``).
+    * ``"estimator"``: the whole estimator is one unit — fastest for a few inner steps
+      (MAML-style), slow to compile for many. Needs fixed batches (with a
+      :class:`~bilevel.Sampler` it runs as ``"solve"``).
+
+    Units are cached per process by what they compute (problem, solver, options, tree
+    structure): a second call with the same shapes does not recompile, and
+    ``hg.stats["compile_s"]`` reports the seconds a call spent compiling. Anything that
+    cannot be compiled — objectives dynamo cannot trace (data-dependent Python control
+    flow, ``.item()``, unsupported operations), a machine without a working C++
+    compiler, an unsupported torch — runs eagerly after a one-time
+    :class:`RuntimeWarning` that names the unit (and the user's function) and the reason.
+
+    Args:
+        estimator: the estimator to run, e.g. ``bl.AID(linear_solver=bl.CG(max_steps=10))``.
+        granularity: ``"chunk"`` (default), ``"step"``, ``"solve"`` or ``"estimator"``.
+        chunk: inner steps per unit for ``granularity="chunk"`` (default 10).
+        hvp: Hessian-vector products for the compiled path: ``None`` (default) keeps the
+            estimator's own ``hvp`` option; ``"forward"`` (forward-over-reverse) or
+            ``"reverse"`` (reverse-over-reverse) overrides it.
+        backend, mode, dynamic: passed to :func:`torch.compile` (defaults ``"inductor"``,
+            ``None``, ``False``: shapes are specialised, a new shape compiles anew).
+
+    Example:
+        >>> import bilevel as bl
+        >>> bl.Compiled(bl.AID(linear_solver=bl.CG(max_steps=10)))
+        Compiled(estimator=AID(linear_solver=CG(max_steps=10, rtol=1e-10, atol=0.0), hvp='forward'), granularity='chunk', chunk=10, hvp=None, backend='inductor', mode=None, dynamic=False)
+
+    Reference: J. Ansel et al., "PyTorch 2: faster machine learning through dynamic Python
+    bytecode transformation and graph compilation", ASPLOS 2024.
+    """
+
+    estimator: AbstractEstimator
+    granularity: Granularity = "chunk"
+    chunk: int = 10
+    hvp: Literal["forward", "reverse"] | None = None
+    backend: str = "inductor"
+    mode: str | None = None
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.estimator, AbstractEstimator) or isinstance(self.estimator, Compiled):
+            raise TypeError(f"Compiled(estimator={self.estimator!r}): expected an estimator such as bl.ITD() or "
+                            "bl.AID(...) (not an already compiled one).")
+        if self.granularity not in _GRANULARITIES:
+            raise ValueError(f"Compiled(granularity={self.granularity!r}): expected one of {_GRANULARITIES}.")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"Compiled(chunk={self.chunk!r}): the number of inner steps per compiled unit must "
+                             "be a positive integer (e.g. chunk=10).")
+        if self.hvp not in (None, "forward", "reverse"):
+            raise ValueError(f"Compiled(hvp={self.hvp!r}): expected None (the estimator's own choice), 'forward' "
+                             "(forward-over-reverse) or 'reverse' (reverse-over-reverse).")
+        estimator = self.estimator
+        if self.hvp is not None and hasattr(estimator, "hvp"):
+            estimator = dataclasses.replace(estimator, hvp=self.hvp)
+        options = Options(backend=self.backend, mode=self.mode, dynamic=self.dynamic)
+        chunk = {"step": 1, "chunk": self.chunk}.get(self.granularity)
+        runner = Runner(chunk, options)
+        staged = estimator
+        solver = getattr(estimator, "linear_solver", None)
+        if self.granularity != "step" and solver is not None and dataclasses.is_dataclass(estimator):
+            staged = dataclasses.replace(estimator, linear_solver=CompiledLinearSolver(solver, runner))
+        object.__setattr__(self, "_plain", estimator)    # the estimator with the compiled path's HVP mode
+        object.__setattr__(self, "_staged", staged)      # ... and its linear solves as units
+        object.__setattr__(self, "_runner", runner)
+
+    def __getattr__(self, name: str) -> Any:
+        # Status messages read estimator options (linear_solver, smoothing, ...): those of the wrapped one.
+        if name.startswith("_") or name == "estimator":
+            raise AttributeError(name)
+        return getattr(self.estimator, name)
+
+    def run(self, problem: BilevelProblem, hparams: Params, params0: Params | None,
+            inner: AbstractInnerSolver, inner_batch: Batch, outer_batch: Batch,
+            adjoint0: Params | None) -> tuple[Estimate, Counts]:
+        args = (problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0)
+        if not usable(self.backend, hparams):
+            return self._plain.run(*args)
+        if self.granularity == "estimator":
+            if not is_stochastic(inner_batch) and not is_stochastic(outer_batch):
+                return self._run_whole(*args)
+            warn_once(("estimator-sampler", self), f"{self!r}: granularity='estimator' needs fixed batches, and "
+                      "inner_batch is a bl.Sampler (drawn with Python code at every step); running with "
+                      "granularity='solve' instead.")
+        with _runner.installed(self._runner):
+            return self._staged.run(*args)
+
+    def _run_whole(self, problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0):
+        estimator = self._plain
+
+        def whole(problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0):
+            return estimator.run(problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0)
+
+        name = f"the whole estimator {estimator!r} on g={getattr(problem.inner, '__qualname__', problem.inner)}"
+        return self._runner.call(("estimator", estimator), name, whole,
+                                 (problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0),
+                                 problem=problem)
+
+
+#: The oldest torch whose dynamo traces torch.func transforms inside compiled code.
+MIN_TORCH = (2, 4)
+
+
+def usable(backend: str, hparams: Params) -> bool:
+    """Whether compiled execution can work here; warns once (and says why) when it cannot."""
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    if version < MIN_TORCH:
+        warn_once(("torch", version), f"bl.Compiled: torch {torch.__version__} is older than "
+                  f"{'.'.join(map(str, MIN_TORCH))}, whose torch.compile traces torch.func transforms; running "
+                  "eagerly instead (same numbers, eager speed). Fix: upgrade torch.")
+        return False
+    try:
+        from torch import _dynamo
+        supported = _dynamo.is_dynamo_supported()
+    except Exception:  # noqa: BLE001
+        supported = False
+    if not supported:
+        warn_once(("dynamo",), "bl.Compiled: torch.compile does not support this Python/platform "
+                  f"(torch {torch.__version__}); running eagerly instead (same numbers, eager speed).")
+        return False
+    on_cpu = next(iter(hparams.values())).device.type == "cpu"
+    if backend == "inductor" and on_cpu:
+        reason = _cpp_compiler_problem()
+        if reason is not None:
+            warn_once(("cxx", reason), f"bl.Compiled: torch.compile's inductor backend needs a working C++ "
+                      f"compiler on CPU, and {reason}; running eagerly instead (same numbers, eager speed). Fix: "
+                      "install g++ (or set CXX), or pass backend='aot_eager' (no C++; less speed-up).")
+            return False
+    return True
+
+
+_cxx_checked: dict[tuple, str | None] = {}
+
+
+def _cpp_compiler_problem() -> str | None:
+    """``None`` if inductor finds a C++ compiler, else what went wrong (checked once per setting)."""
+    from torch._inductor import config
+
+    setting = tuple(config.cpp.cxx) if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    if setting not in _cxx_checked:
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+            _cxx_checked[setting] = None
+        except Exception as err:  # noqa: BLE001
+            _cxx_checked[setting] = f"none was found ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})"
+    return _cxx_checked[setting]

@@ -1,0 +1,182 @@
+"""The two comparisons of ``bilevel hpo``: which estimator configurations run, and what is measured.
+
+Every method runs the same outer loop (:func:`~bilevel.problems.runner.run_method`: Adam on the
+hyperparameters, warm starts of the inner solution and of AID's adjoint across outer steps);
+they differ in the inner solver, the estimator and the batches it draws.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import estimators as est
+from .._batch import Sampler
+from .._tree import Params
+from ..inner import GradientDescent, Momentum
+from ..linear import CG, Dense, Neumann
+from .data import Splits
+from .hyperclean import MLP, HyperClean, Linear, detection_metrics, hyperclean_problem
+from .logreg import LogRegHPO, grid_search, logreg_problem
+from .runner import Method, run_method, write_report
+
+LOGREG_METHODS = ("reference", "aid-cg", "aid-neumann", "stocbio", "itd", "esj")
+HYPERCLEAN_METHODS = ("aid-cg", "aid-neumann", "stocbio", "itd", "esj")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options shared by both problems (``bilevel hpo --help`` documents each)."""
+
+    steps: int = 100
+    time_limit: float = math.inf
+    outer_lr: float = 0.1
+    inner_steps: int = 50
+    linear_steps: int = 50
+    batch_size: int = 500
+    eval_every: int = 1
+    seed: int = 0
+    progress: bool = True
+
+
+def logreg_methods(hpo: LogRegHPO, names: list[str], cfg: Config) -> list[Method]:
+    """Inner step ``1/L`` at the starting weights; ``L`` bounds the inner Hessian (:meth:`LogRegHPO.lipschitz`).
+    Reverse-over-reverse HVPs: about 4x cheaper than forward-over-reverse on this problem (measured)."""
+    lr = 1.0 / hpo.lipschitz(hpo.hparams())
+    k = cfg.inner_steps
+    heavy = Momentum(lr=lr, momentum=0.9, steps=k)
+    full = lambda t: hpo.train  # noqa: E731
+    sampled = lambda t: Sampler.minibatches(hpo.train[:2], cfg.batch_size, seed=cfg.seed * 100_003 + t)  # noqa: E731
+    table = {
+        "reference": Method("reference", GradientDescent(lr=lr, steps=0), est.AID(Dense(), hvp="reverse"), full,
+                            start=lambda x, y: hpo.solve_inner(x, y)),
+        "aid-cg": Method("aid-cg", heavy, est.AID(CG(max_steps=cfg.linear_steps, rtol=1e-6), hvp="reverse"), full),
+        "aid-neumann": Method("aid-neumann", heavy,
+                              est.AID(Neumann(steps=cfg.linear_steps, alpha=lr), hvp="reverse"), full),
+        "stocbio": Method("stocbio", GradientDescent(lr=lr, steps=k),
+                          est.AID(Neumann(steps=cfg.linear_steps, alpha=lr), hvp="reverse"), sampled),
+        "itd": Method("itd", heavy, est.ITD(), full),
+        "esj": Method("esj", heavy, est.ESJ(directions=16, smoothing=1e-2,
+                                             seed=torch.Generator().manual_seed(cfg.seed)), full),
+    }
+    return [table[n] for n in names]
+
+
+def run_logreg(splits: Splits, names: list[str], cfg: Config, out: Path, *, lam0: float = 1e-3,
+               grid: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 1))) -> list[dict[str, Any]]:
+    """Per-feature L2 weights of logistic regression: every method in ``names``, and the grid search."""
+    hpo = logreg_problem(splits.train, splits.val)
+    tic = time.perf_counter()
+    rows = grid_search(hpo, list(grid), splits.test)
+    grid_time = time.perf_counter() - tic
+    best = min(rows, key=lambda r: r["val_loss"])
+    table = [{"method": f"grid search ({len(grid)} shared weights), best lam={best['lam']:.3g}", "steps": len(grid),
+              "time_s": grid_time, "val_loss": best["val_loss"], "test_loss": best["test_loss"],
+              "test_accuracy": best["test_accuracy"], "final status": "-"}]
+    refit: dict[str, Params] = {}
+
+    def evaluate(name: str):
+        def fn(x: Params, y: Params) -> dict[str, float]:
+            refit[name] = hpo.solve_inner(x, refit.get(name))  # the model these weights give, solved exactly
+            test = hpo.metrics(refit[name], splits.test)
+            return {"val_loss": hpo.metrics(refit[name], hpo.val)["loss"], "test_loss": test["loss"],
+                    "test_accuracy": test["accuracy"], "iterate_test_loss": hpo.metrics(y, splits.test)["loss"]}
+        return fn
+
+    curves = []
+    for method in logreg_methods(hpo, names, cfg):
+        start = hpo.solve_inner(hpo.hparams(lam0))  # every method starts from the exact solution at lam0
+        mine, _, _ = run_method(hpo.problem, method, hpo.hparams(lam0), start, outer_batch=hpo.val,
+                                evaluate=evaluate(method.name), steps=cfg.steps, lr=cfg.outer_lr,
+                                time_limit=cfg.time_limit, eval_every=cfg.eval_every, progress=cfg.progress)
+        curves += mine
+        last = mine[-1]
+        table.append({"method": method.name, "steps": last["step"], "time_s": last["time_s"],
+                      "val_loss": last["val_loss"], "test_loss": last["test_loss"],
+                      "test_accuracy": last["test_accuracy"], "final status": last["result"]})
+    note = (f"a9a: {len(splits.train[1])} training / {len(splits.val[1])} validation rows (seed {cfg.seed}), "
+            f"test = a9a.t ({len(splits.test[1])} rows). Per-feature methods start at lam={lam0:g} for every "
+            "feature; losses and accuracies are those of the inner problem solved exactly (Newton) at the "
+            "learned weights. The grid's line is its best-on-validation shared weight.")
+    write_report(out, curves, metric="test_loss", ylabel="test loss (a9a.t)",
+                 title="a9a: per-feature L2 weights", table=table,
+                 lines={"grid search (best shared lam)": best["test_loss"]}, note=note)
+    return table
+
+
+def hyperclean_methods(hc: HyperClean, names: list[str], cfg: Config) -> list[Method]:
+    """Inner step ``1/L`` from the largest eigenvalue of the features' second moment; reverse-mode HVPs
+    (cheaper than forward-over-reverse through the cross-entropy here)."""
+    z = hc.train[0]
+    lr = 1.0 / (0.5 * torch.linalg.eigvalsh(z.T @ z / len(z))[-1].item() + hc.l2)
+    k = cfg.inner_steps
+    heavy = Momentum(lr=lr, momentum=0.9, steps=k)
+    full = lambda t: hc.train_batch  # noqa: E731
+    sampled = lambda t: Sampler.minibatches(hc.train, cfg.batch_size, seed=cfg.seed * 100_003 + t)  # noqa: E731
+    table = {
+        "aid-cg": Method("aid-cg", heavy, est.AID(CG(max_steps=cfg.linear_steps, rtol=1e-3), hvp="reverse"), full),
+        "aid-neumann": Method("aid-neumann", heavy,
+                              est.AID(Neumann(steps=cfg.linear_steps, alpha=lr), hvp="reverse"), full),
+        "stocbio": Method("stocbio", GradientDescent(lr=lr, steps=k),
+                          est.AID(Neumann(steps=cfg.linear_steps, alpha=lr), hvp="reverse"), sampled),
+        "itd": Method("itd", heavy, est.ITD(), full),
+        "esj": Method("esj", heavy, est.ESJ(directions=8, smoothing=1e-1,
+                                             seed=torch.Generator().manual_seed(cfg.seed)), full),
+    }
+    return [table[n] for n in names]
+
+
+def run_hyperclean(splits: Splits, names: list[str], cfg: Config, out: Path, *, classifier: str = "linear",
+                   hidden: int = 300, l2: float = 1e-3) -> list[dict[str, Any]]:
+    """Data hyper-cleaning on noisy MNIST: every method in ``names``, and the two baselines."""
+    d = splits.train[0].shape[1]
+    model = Linear(d) if classifier == "linear" else MLP(d, hidden=hidden)
+    hc = hyperclean_problem(splits.train, splits.val, model, l2=l2)
+    clean = ~splits.corrupted
+    table = []
+    baselines = {}
+    for name, weights in (("train on corrupted data (no cleaning)", torch.ones(len(clean))),
+                          ("oracle: train on the clean subset only", clean.double())):
+        tic = time.perf_counter()
+        fitted = hc.fit(weights, hc.params0(cfg.seed))
+        test = hc.metrics(fitted, splits.test)
+        baselines[name] = test["accuracy"]
+        table.append({"method": name, "steps": "-", "time_s": time.perf_counter() - tic,
+                      "test_accuracy": test["accuracy"], "refit_test_accuracy": "-", "auc": "-",
+                      "precision": "-", "recall": "-", "final status": "-"})
+
+    def evaluate(x: Params, y: Params) -> dict[str, float]:
+        test = hc.metrics(y, splits.test)
+        return {"val_loss": hc.metrics(y, hc.val)["loss"], "test_loss": test["loss"],
+                "test_accuracy": test["accuracy"], **detection_metrics(x["weight_logits"], splits.corrupted)}
+
+    curves = []
+    for method in hyperclean_methods(hc, names, cfg):
+        mine, x, y = run_method(hc.problem, method, hc.hparams(), hc.params0(cfg.seed), outer_batch=hc.val,
+                                evaluate=evaluate, steps=cfg.steps, lr=cfg.outer_lr, time_limit=cfg.time_limit,
+                                eval_every=cfg.eval_every, progress=cfg.progress)
+        curves += mine
+        last = mine[-1]
+        refit = hc.metrics(hc.fit(torch.sigmoid(x["weight_logits"]), y), splits.test)["accuracy"]
+        table.append({"method": method.name, "steps": last["step"], "time_s": last["time_s"],
+                      "test_accuracy": last["test_accuracy"], "refit_test_accuracy": refit, "auc": last["auc"],
+                      "precision": last["precision"], "recall": last["recall"], "final status": last["result"]})
+    note = (f"MNIST: {len(clean)} training images with {int(splits.corrupted.sum())} labels corrupted "
+            f"(seed {cfg.seed}), {len(splits.val[1])} clean validation, {len(splits.test[1])} test images; "
+            f"{model!r}, l2={l2:g}. test_accuracy: the classifier trained alongside the weights at the last "
+            "step; refit: trained to convergence (L-BFGS) with the final weights. auc/precision/recall: the "
+            "weights as a detector of corrupted labels (flagged when the weight is below 1/2).")
+    write_report(out, curves, metric="test_accuracy", ylabel="test accuracy (MNIST)",
+                 title=f"MNIST hyper-cleaning, {splits.corrupted.double().mean().item():.0%} corrupted labels",
+                 table=table, lines=baselines, note=note)
+    return table
+
+
+def with_defaults(cfg: Config, **overrides: Any) -> Config:
+    """``cfg`` with the given fields replaced where they are not None."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

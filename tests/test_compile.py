@@ -1,0 +1,328 @@
+"""``bl.Compiled``: compiled execution gives the eager numbers, caches, composes with vmap, and falls back.
+
+Compilation is slow, so the problems are tiny and module-scoped (one problem object per dtype:
+the compiled units are cached per process by what they compute, and every test after the first
+reuses them). The default tests use dynamo's ``"eager"`` backend where the point is the
+machinery (tracing, caching, transforms, fallbacks); the tests marked ``slow`` compile every
+estimator with inductor (C++ code generation) and compare with eager at 1e-5 relative in
+float32 and 1e-10 in float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import bilevel as bl
+from bilevel import _runner
+from bilevel.compile import _unit, compiled
+from bilevel.testing import quadratic_problem, ridge_problem
+
+STEPS, CHUNK = 4, 2
+ESTIMATORS = {
+    "ITD": bl.ITD(),
+    "ITD(truncate)": bl.ITD(truncate=2),
+    "ITD(checkpoint)": bl.ITD(checkpoint_every=2),
+    "FirstOrder": bl.FirstOrder(),
+    "AID-CG": bl.AID(linear_solver=bl.CG(max_steps=3)),
+    "AID-Neumann": bl.AID(linear_solver=bl.Neumann(steps=3, alpha=0.1)),
+    "IMAML": bl.IMAML(lam=1.0, linear_solver=bl.CG(max_steps=3)),
+    "ESJ": bl.ESJ(directions=2, smoothing=1e-3, seed=0),
+    "Reptile": bl.Reptile(),
+}
+#: Estimators that differentiate through (or need) the learned start run from init(x); the others from params0.
+FROM_INIT = {"ITD", "IMAML", "Reptile", "ESJ"}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def rel(a: dict, b: dict) -> float:
+    num = sum(float(torch.linalg.vector_norm((a[k] - b[k]).double()) ** 2) for k in b) ** 0.5
+    den = sum(float(torch.linalg.vector_norm(b[k].double()) ** 2) for k in b) ** 0.5
+    return num / max(den, 1e-300)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return {dtype: quadratic_problem(dim_y=3, dim_x=2, seed=0, learned_init=True, dtype=dtype)
+            for dtype in (torch.float64, torch.float32)}
+
+
+def call(q, name, estimator, **kw):
+    params0 = None if name in FROM_INIT else q.params0()
+    return bl.hypergrad(q.problem, q.hparams(), params0, inner=bl.GradientDescent(lr=0.1, steps=STEPS),
+                        estimator=estimator, throw=False, **kw)
+
+
+def check_same(q, name, backend, granularity="chunk", dtype=torch.float64):
+    eager = call(q, name, ESTIMATORS[name])
+    fast = call(q, name, bl.Compiled(ESTIMATORS[name], granularity=granularity, chunk=CHUNK, backend=backend))
+    assert fast.result is eager.result
+    assert rel(fast.value, eager.value) <= TOL[dtype]
+    assert rel(fast.params, eager.params) <= TOL[dtype]
+    for key in ("inner_steps", "linear_steps", "num_grad", "num_hvp"):
+        assert fast.stats[key] == eager.stats[key]
+    assert tuple(fast.stats) == bl.STATS_KEYS
+    return fast
+
+
+# --------------------------------------------------------------------------- same numbers
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_estimator_matches_eager_through_dynamo(problems, name):
+    check_same(problems[torch.float64], name, backend="eager")
+
+
+@pytest.mark.parametrize("granularity", ["step", "solve", "estimator"])
+def test_every_granularity_matches_eager(problems, granularity):
+    for name in ("ITD", "AID-CG"):
+        check_same(problems[torch.float64], name, backend="eager", granularity=granularity)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_estimator_matches_eager_with_inductor(problems, name, dtype):
+    check_same(problems[dtype], name, backend="inductor", dtype=dtype)
+
+
+def test_inductor_aid_float32_matches_eager_and_does_not_recompile():
+    r = ridge_problem(n_samples=30, dim=5, seed=1, dtype=torch.float32)
+    inner = bl.GradientDescent(lr=0.2, steps=STEPS)
+    plain = bl.AID(linear_solver=bl.CG(max_steps=3, rtol=0.0))
+    fast = bl.Compiled(plain, chunk=CHUNK)
+
+    def hg(estimator):
+        return bl.hypergrad(r.problem, r.hparams(), r.params0(), inner=inner, estimator=estimator,
+                            inner_batch=r.train, outer_batch=r.val, throw=False)
+
+    eager, first, second = hg(plain), hg(fast), hg(fast)
+    assert rel(first.value, eager.value) <= 1e-5 and rel(second.value, eager.value) <= 1e-5
+    assert first.stats["compile_s"] > 0
+    assert second.stats["compile_s"] == 0.0  # same shapes and options: served from the cache
+    assert eager.stats["compile_s"] == 0.0
+
+
+def test_second_call_with_an_equal_problem_does_not_recompile(problems):
+    q = problems[torch.float64]
+    estimator = bl.Compiled(ESTIMATORS["AID-CG"], chunk=CHUNK, backend="eager")
+    call(q, "AID-CG", estimator)
+    again = call(q, "AID-CG", bl.Compiled(ESTIMATORS["AID-CG"], chunk=CHUNK, backend="eager"))  # q.problem is new
+    assert again.stats["compile_s"] == 0.0
+
+
+def test_a_new_shape_compiles_anew():
+    q = quadratic_problem(dim_y=2, dim_x=2, seed=3, learned_init=False)
+    estimator = bl.Compiled(bl.FirstOrder(), chunk=CHUNK, backend="eager")
+    inner = bl.GradientDescent(lr=0.1, steps=STEPS)
+    bl.hypergrad(q.problem, q.hparams(), q.params0(), inner=inner, estimator=estimator)
+    q2 = quadratic_problem(dim_y=5, dim_x=2, seed=3, learned_init=False)
+    other = bl.hypergrad(q2.problem, q2.hparams(), q2.params0(), inner=inner, estimator=estimator)
+    assert other.stats["compile_s"] > 0
+    ref = bl.hypergrad(q2.problem, q2.hparams(), q2.params0(), inner=inner, estimator=bl.FirstOrder())
+    assert rel(other.value, ref.value) <= 1e-12
+
+
+def test_hvp_mode_override_keeps_the_numbers(problems):
+    q = problems[torch.float64]
+    eager = call(q, "AID-CG", ESTIMATORS["AID-CG"])
+    for mode in ("forward", "reverse"):
+        fast = call(q, "AID-CG", bl.Compiled(ESTIMATORS["AID-CG"], chunk=CHUNK, hvp=mode, backend="eager"))
+        assert rel(fast.value, eager.value) <= 1e-10
+
+
+def test_status_and_first_bad_step_survive_chunking():
+    # lr far above 2 / L: the iterates grow ~250x per step and overflow in the fourth chunk of 16 steps.
+    q = quadratic_problem(dim_y=3, dim_x=2, seed=0, condition=10.0)
+    inner = bl.GradientDescent(lr=25.0, steps=80)
+
+    def message(estimator):
+        with pytest.raises(bl.BilevelError) as err:
+            bl.hypergrad(q.problem, q.hparams(), q.params0(), inner=inner, estimator=estimator)
+        assert err.value.result is bl.RESULTS.inner_nonfinite
+        return str(err.value).split("at step ")[1].split()[0]
+
+    eager = message(bl.FirstOrder())
+    assert int(eager) > 16
+    assert message(bl.Compiled(bl.FirstOrder(), chunk=16, backend="eager")) == eager
+
+
+def test_tolerance_masking_and_sampler_batches_match_eager():
+    r = ridge_problem(n_samples=40, dim=4, seed=2)
+    sampler = bl.Sampler.minibatches(r.train, 10, seed=0)
+    inner = bl.GradientDescent(lr=0.2, steps=6, tol=1e-3)
+    for estimator in (bl.FirstOrder(), bl.AID(linear_solver=bl.Neumann(steps=3, alpha=0.1))):
+        kw = dict(inner=inner, inner_batch=sampler, outer_batch=r.val, throw=False)
+        eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=estimator, **kw)
+        fast = bl.hypergrad(r.problem, r.hparams(), r.params0(), **kw,
+                            estimator=bl.Compiled(estimator, chunk=CHUNK, backend="eager"))
+        assert fast.result is eager.result and fast.stats["inner_steps"] == eager.stats["inner_steps"]
+        assert rel(fast.value, eager.value) <= 1e-12
+
+
+# --------------------------------------------------------------------------- transforms
+
+def test_vmap_hypergrad_and_a_users_vmap_match_eager():
+    tasks, dim = 3, 4
+    rs = [ridge_problem(n_samples=20, dim=dim, seed=s) for s in range(tasks)]
+    train = tuple(torch.stack([r.train[i] for r in rs]) for i in range(2))
+    val = tuple(torch.stack([r.val[i] for r in rs]) for i in range(2))
+    problem, inner = rs[0].problem, bl.GradientDescent(lr=0.1, steps=STEPS)
+    x = {"log_lam": torch.zeros(dim, dtype=torch.float64)}
+    y = {"w": torch.zeros(tasks, dim, dtype=torch.float64)}
+    for name in ("ITD", "AID-CG"):
+        kw = dict(inner=inner, inner_batch=train, outer_batch=val, in_dims=(None, 0, 0, 0))
+        eager = bl.vmap_hypergrad(problem, x, y, estimator=ESTIMATORS[name], **kw)
+        fast = bl.vmap_hypergrad(problem, x, y, estimator=bl.Compiled(ESTIMATORS[name], chunk=CHUNK,
+                                                                        backend="eager"), **kw)
+        assert fast.task_results == eager.task_results
+        assert rel(fast.value, eager.value) <= 1e-10
+
+        def one(xt, tr, va, estimator):
+            return bl.hypergrad(problem, xt, {"w": torch.zeros(dim, dtype=torch.float64)}, inner=inner,
+                                estimator=estimator, inner_batch=tr, outer_batch=va).value
+
+        xs = {"log_lam": 0.1 * torch.arange(tasks * dim, dtype=torch.float64).reshape(tasks, dim)}
+        mine = torch.func.vmap(lambda a, b, c: one(a, b, c, bl.Compiled(ESTIMATORS[name], chunk=CHUNK,
+                                                                        backend="eager")))(xs, train, val)
+        ref = torch.func.vmap(lambda a, b, c: one(a, b, c, ESTIMATORS[name]))(xs, train, val)
+        assert rel(mine, ref) <= 1e-10
+
+
+def test_maml_meta_gradient_matches_eager():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    from bilevel.datasets import Sinusoid
+    tasks = Sinusoid(shots=5).sample(4, seed=0)
+    inner = bl.GradientDescent(lr=0.01, steps=2)
+    eager = bl.meta.MAML(net, inner=inner)
+    theta = eager.init_hparams()
+    for granularity in ("chunk", "estimator"):
+        fast = bl.meta.MAML(net, inner=inner, estimator=bl.Compiled(bl.ITD(), granularity=granularity,
+                                                                       backend="eager"))
+        assert rel(fast.meta_gradient(theta, tasks).value, eager.meta_gradient(theta, tasks).value) <= 1e-6
+
+
+def test_forward_mode_over_a_compiled_call_runs_eagerly_with_a_warning(problems):
+    q = problems[torch.float64]
+    inner = bl.GradientDescent(lr=0.1, steps=STEPS)
+
+    def phi(x, estimator):
+        return bl.hypergrad(q.problem, {"x": x}, q.params0(), inner=inner, estimator=estimator).value["x"]
+
+    x, v = q.hparams()["x"], torch.ones(2, dtype=torch.float64)
+    ref = torch.func.jvp(lambda x: phi(x, bl.FirstOrder()), (x,), (v,))[1]
+    with pytest.warns(RuntimeWarning, match="do not run under torch.func transform.*jvp"):
+        out = torch.func.jvp(lambda x: phi(x, bl.Compiled(bl.FirstOrder(), chunk=CHUNK, backend="eager")),
+                             (x,), (v,))[1]
+    assert torch.allclose(out, ref, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- fallbacks
+
+def branchy_inner(hparams, params, batch):
+    y = params["y"]
+    if (y.sum() > 0).item():  # data-dependent Python control flow: dynamo cannot compile it
+        return 0.5 * ((y - hparams["x"].sum()) ** 2).sum()
+    return 0.5 * ((y - hparams["x"].mean()) ** 2).sum()
+
+
+def plain_outer(hparams, params, batch):
+    return ((params["y"] - 1.0) ** 2).sum()
+
+
+def test_an_uncompilable_objective_warns_once_naming_it_and_runs_eagerly():
+    problem = bl.BilevelProblem(inner=branchy_inner, outer=plain_outer)
+    x, y = {"x": torch.tensor([0.3, -0.1], dtype=torch.float64)}, {"y": torch.ones(3, dtype=torch.float64)}
+    inner = bl.GradientDescent(lr=0.3, steps=STEPS)
+    plain = bl.AID(linear_solver=bl.CG(max_steps=3))
+    ref = bl.hypergrad(problem, x, y, inner=inner, estimator=plain)
+    estimator = bl.Compiled(plain, chunk=CHUNK, backend="eager")
+    with pytest.warns(RuntimeWarning, match=r"could not compile .*g=branchy_inner.*Running the problem with "
+                                            r"g=branchy_inner, f=plain_outer eagerly") as record:
+        out = bl.hypergrad(problem, x, y, inner=inner, estimator=estimator)
+    assert len([w for w in record if "could not compile" in str(w.message)]) == 1
+    assert rel(out.value, ref.value) <= 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one-time: the second call is silent
+        again = bl.hypergrad(problem, x, y, inner=inner, estimator=estimator)
+    assert rel(again.value, ref.value) <= 1e-12
+
+
+def test_an_error_in_the_users_objective_is_raised_not_swallowed():
+    def broken(hparams, params, batch):
+        return (params["y"] @ torch.ones(7, dtype=torch.float64))  # shape mismatch: a bug, not a compile issue
+
+    problem = bl.BilevelProblem(inner=broken, outer=plain_outer)
+    with pytest.raises(RuntimeError, match="inner objective"):
+        bl.hypergrad(problem, {"x": torch.zeros(2, dtype=torch.float64)}, {"y": torch.ones(3, dtype=torch.float64)},
+                     inner=bl.GradientDescent(lr=0.1, steps=STEPS),
+                     estimator=bl.Compiled(bl.FirstOrder(), chunk=CHUNK, backend="eager"))
+
+
+@pytest.fixture
+def fresh_compile_state():
+    _unit.clear()
+    compiled._cxx_checked.clear()
+    yield
+    _unit.clear()
+    compiled._cxx_checked.clear()
+
+
+def _eager_and_fast(problems, estimator_kw):
+    q = problems[torch.float64]
+    ref = call(q, "FirstOrder", ESTIMATORS["FirstOrder"])
+    out = call(q, "FirstOrder", bl.Compiled(ESTIMATORS["FirstOrder"], chunk=CHUNK, **estimator_kw))
+    assert rel(out.value, ref.value) <= 1e-12
+    assert out.stats["compile_s"] == 0.0
+    return out
+
+
+def test_no_cpp_compiler_falls_back_with_one_warning(problems, fresh_compile_state, monkeypatch):
+    from torch._inductor import config
+    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/bin/g++-missing",))
+    with pytest.warns(RuntimeWarning, match="needs a working C\\+\\+ compiler"):
+        _eager_and_fast(problems, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _eager_and_fast(problems, {})
+
+
+def test_torch_compile_failing_falls_back_with_one_warning(problems, fresh_compile_state, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("simulated: torch.compile is unavailable")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    with pytest.warns(RuntimeWarning, match="torch.compile is not usable here.*simulated"):
+        _eager_and_fast(problems, {"backend": "eager"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _eager_and_fast(problems, {"backend": "eager"})
+
+
+def test_an_unsupported_torch_falls_back_with_one_warning(problems, fresh_compile_state, monkeypatch):
+    monkeypatch.setattr(compiled, "MIN_TORCH", (99, 0))
+    with pytest.warns(RuntimeWarning, match="older than 99.0"):
+        _eager_and_fast(problems, {"backend": "eager"})
+
+
+def test_eager_path_reports_zero_compile_time(problems):
+    hg = call(problems[torch.float64], "AID-CG", ESTIMATORS["AID-CG"])
+    assert hg.stats["compile_s"] == 0.0 and "compile_s" in bl.STATS_KEYS
+    assert _runner.current() is None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(granularity="block"), "granularity='block'"),
+    (dict(chunk=0), "chunk=0"),
+    (dict(hvp="sideways"), "hvp='sideways'"),
+])
+def test_bad_options_name_the_call_and_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bl.Compiled(bl.ITD(), **kwargs)
+
+
+def test_compiled_of_compiled_is_refused():
+    with pytest.raises(TypeError, match="not an already compiled one"):
+        bl.Compiled(bl.Compiled(bl.ITD()))
