@@ -93,6 +93,7 @@ class ESJBatching:
     def setup(self, problem_name: str, directions: int) -> None:
         torch.set_num_threads(1)
         self.esj, self.solve = calls(problem_name, directions)
+        self.esj(), self.solve()  # warm-up: torch.func's first call in a process is much slower
 
     def time_esj(self, problem_name: str, directions: int) -> None:
         self.esj()

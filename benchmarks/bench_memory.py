@@ -123,6 +123,7 @@ class PeakMemory:
         use_allocator(allocator)
         torch.set_num_threads(1)
         self.case = make_case()
+        hypergrad_call(self.case, name, 1)()  # warm-up, as in benchmarks.run_memory
         self.call = hypergrad_call(self.case, name, steps)
 
     def peakmem_hypergrad(self, name: str, steps: int, allocator: str) -> None:

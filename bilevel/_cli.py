@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import math
+import sys
 from collections.abc import Callable, Sequence
 
 #: Modules that define subcommands, in the order ``bilevel --help`` lists them.

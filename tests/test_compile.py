@@ -150,7 +150,12 @@ def test_status_and_first_bad_step_survive_chunking():
 
 def test_tolerance_masking_and_sampler_batches_match_eager():
     r = ridge_problem(n_samples=40, dim=4, seed=2)
-    sampler = bl.Sampler.minibatches(r.train, 10, seed=0)
+
+    def draw(step):
+        rows = torch.randperm(40, generator=torch.Generator().manual_seed(step))[:10]
+        return tuple(t[rows] for t in r.train)
+
+    sampler = bl.Sampler(draw)
     inner = bl.GradientDescent(lr=0.2, steps=6, tol=1e-3)
     for estimator in (bl.FirstOrder(), bl.AID(linear_solver=bl.Neumann(steps=3, alpha=0.1))):
         kw = dict(inner=inner, inner_batch=sampler, outer_batch=r.val, throw=False)

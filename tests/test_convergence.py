@@ -16,6 +16,8 @@ from bilevel.convergence import STUDIES, AnilStudy, EstimatorStudy, FrontierStud
 from bilevel.convergence._common import CsvLog, check_grid, prepare_out_dir
 from bilevel.convergence._curves import reach, reference_level, spearman
 from bilevel.convergence._hyper import logistic_case, ridge_case
+from bilevel.convergence._meta import anil_problem, init_anil, meta_loss
+from bilevel.datasets import Sinusoid
 from bilevel.convergence.frontier import _Search
 
 TINY_ANIL = dict(n_grid=(1,), outer_steps=2, meta_batch=2, eval_tasks=3, eval_every=1, features=4, head_hidden=3)
@@ -88,11 +90,10 @@ def test_check_grid_accepts_positive_ints():
 def test_anil_is_deterministic_with_a_seed(tmp_path):
     a = AnilStudy(**TINY_ANIL, seed=3).run(tmp_path / "a", progress=False)
     b = AnilStudy(**TINY_ANIL, seed=3).run(tmp_path / "b", progress=False)
-    c = AnilStudy(**TINY_ANIL, seed=4).run(tmp_path / "c", progress=False)
-    ra, rb, rc = (_rows(r.out / "anil_curves.csv") for r in (a, b, c))
+    ra, rb = (_rows(r.out / "anil_curves.csv") for r in (a, b))
     assert len(ra) == 2 * 3  # two heads, evaluations at steps 0, 1, 2
     assert [r["meta_loss"] for r in ra] == [r["meta_loss"] for r in rb]
-    assert [r["meta_loss"] for r in ra] != [r["meta_loss"] for r in rc]
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
     for name in ("anil.png", "anil.md"):
         assert (a.out / name).is_file()
     assert "Ji, Lee, Liang, Poor" in (a.out / "anil.md").read_text()
@@ -161,6 +162,14 @@ def test_estimators_quick_writes_every_part(tmp_path):
 
 
 # ----------------------------------------------------------------------------- exact answers
+
+
+def test_the_seed_changes_the_initialisation_and_the_tasks():
+    family = Sinusoid(shots=3)
+    problem = anil_problem(0.5)
+    losses = [meta_loss(problem, init_anil("linear", 4, 3, seed), family.sample(3, seed=seed), 0.2, 1)
+              for seed in (3, 3, 4)]
+    assert losses[0] == losses[1] != losses[2]
 
 
 def test_logistic_exact_hypergradient_matches_finite_differences():

@@ -3,6 +3,8 @@ solve, grid search, bad input."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -68,10 +70,14 @@ def test_bad_input_names_the_problem():
         logreg_problem(train, (val[0][:, :3], val[1]))
     with pytest.raises(TypeError, match="train must be a pair"):
         logreg_problem(train[0], val)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        sparse = train[0].to_sparse_csr()
     with pytest.raises(TypeError, match="to_dense"):
-        logreg_problem((train[0].to_sparse_csr(), train[1]), val)
+        logreg_problem((sparse, train[1]), val)
 
 
+@pytest.mark.data
 def test_a9a_splits_sizes_and_errors():
     root = data_dir("a9a")
     s = a9a_splits(root, n_train=300, n_val=200, seed=1)

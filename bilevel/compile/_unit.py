@@ -45,6 +45,8 @@ _broken_backends: set[str] = set()
 _CACHE_SIZE = 256
 _cache: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
 _warned: set[Hashable] = set()
+#: ``(unit name, transforms, seconds)`` of every compilation so far (what the benchmark reports per unit).
+compile_log: list[tuple[str, tuple, float]] = []
 _counter = [0]
 
 
@@ -181,7 +183,11 @@ def _execute(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     if compiled is _FAILED or unit.group in _failed_groups or unit.options.backend in _broken_backends:
         return eager(unit, leaves)
     try:
-        return compiled(*leaves)
+        before = _runner.compile_clock()
+        out = compiled(*leaves)
+        if (spent := _runner.compile_clock() - before) > 0:
+            compile_log.append((unit.name, unit.transforms, spent))
+        return out
     except Exception as err:  # noqa: BLE001 - any failure to compile falls back to the eager unit
         out = eager(unit, leaves)  # a genuine error in the user's code raises here, with its notes
         _cache[cache_key] = _FAILED

@@ -7,7 +7,8 @@ gradient and HVP counts and its wall time (best of three calls, single thread). 
 does not increase with N or with K, the cheapest reaching setting lies on the staircase
 "smallest K that works for each N", which a walk over N (ascending) and K (descending) finds with
 about ``len(n_grid) + len(k_grid)`` evaluations per estimator. iMAML is searched for each proximal
-strength in ``imaml_lams`` (its bias floor grows with lam); ESJ, whose error is about
+strength in ``imaml_lams`` whose bias floor (known exactly) is below half the target; AID with a
+dense solve is evaluated at AID-CG's N (only the inner steps matter for it); ESJ, whose error is about
 :math:`\sqrt{(p+1)/Q}` here, is evaluated at a few direction counts Q.
 
 References: R. Grazzi, L. Franceschi, M. Pontil, S. Salzo, ICML 2020 (iteration complexity of ITD
@@ -29,7 +30,7 @@ from ._hgrun import STYLE, Setting, describe, measure
 from ._hyper import HyperCase, ridge_case
 
 COLUMNS = ("estimator", "N", "K", "lam", "Q", "rel_error", "bias_floor", "seconds", "num_grad", "num_hvp", "status")
-ORDER = ("ITD", "AID-CG", "AID-Neumann", "AID-Dense", "IMAML-CG", "ESJ")
+ORDER = ("ITD", "AID-CG", "AID-Neumann", "AID-Dense", "IMAML-CG", "ESJ")  # AID-Dense after AID-CG: it reuses its N
 
 
 @dataclass(frozen=True)
@@ -123,18 +124,17 @@ class FrontierStudy(AbstractStudy):
         fig, axes = new_figure(2)
         for name in ORDER:
             pts = [e for e in rows if e["estimator"] == name]
-            if not pts:
-                continue
             color, marker = STYLE.get(name, ("C5", "x"))
             for ax, key in zip(axes, ("calls", "seconds")):
-                xs = [e["num_grad"] + e["num_hvp"] if key == "calls" else e["seconds"] for e in pts]
-                ax.scatter(xs, [max(e["rel_error"], 1e-16) for e in pts], color=color, marker=marker, s=14,
-                           label=name, alpha=0.8)
+                front = _pareto([(_cost(e) if key == "calls" else e["seconds"], e["rel_error"]) for e in pts])
+                if front:
+                    ax.step(*zip(*front), where="post", color=color, label=name, lw=1.3)
+                    ax.scatter(*zip(*front), color=color, marker=marker, s=16)
         for ax, xlabel in zip(axes, ("gradients + HVPs", "seconds (one call, single thread)")):
             for t in self.targets:
                 ax.axhline(t, color="k", ls=":", lw=1)
-            ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="relative hypergradient error",
-                   title=f"every setting evaluated (ridge d={self.dim}, n={self.n_samples})")
+            ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="lowest relative error at this cost",
+                   title=f"accuracy-cost frontier (ridge d={self.dim}, n={self.n_samples})")
             ax.grid(True, alpha=0.3)
         axes[0].legend(fontsize=7)
         save_figure(fig, report.out / "frontier.png", report.files)
@@ -218,13 +218,20 @@ class _Search:
 
     def cheapest(self, name: str, target: float) -> dict[str, Any] | None:
         st = self.study
-        if name in ("ITD", "AID-Dense"):
+        if name == "ITD":
             return next((r for n in st.n_grid if (r := self.eval(name, n, 0))["rel_error"] <= target), None)
+        if name == "AID-Dense":  # the exact linear solve: only the inner steps matter, so take AID-CG's N
+            cg = self.cheapest("AID-CG", target)
+            r = self.eval(name, cg["N"], 0) if cg is not None else None
+            return r if r is not None and r["rel_error"] <= target else None
         if name == "ESJ":
             n = st.n_grid[len(st.n_grid) // 2]
             hits = [r for q in st.esj_grid if (r := self.eval(name, n, 0, q=q))["rel_error"] <= target]
             return min(hits, key=_cost, default=None)
         lams = st.imaml_lams if name == "IMAML-CG" else (0.0,)
+        if name == "IMAML-CG":  # a proximal strength whose bias floor exceeds the target cannot reach it
+            lams = tuple(lam for lam in lams if rel_error(self.case.hypergrad(self.x, damping=lam), self.exact)
+                         <= 0.5 * target)
         hits = [h for lam in lams if (h := self._staircase(name, target, lam)) is not None]
         return min(hits, key=_cost, default=None)
 
@@ -247,3 +254,13 @@ class _Search:
 
 def _cost(r: dict[str, Any]) -> int:
     return r["num_grad"] + r["num_hvp"]
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The lower-left envelope: each point whose error is below every cheaper point's."""
+    front, low = [], float("inf")
+    for cost, err in sorted(points):
+        if err < low:
+            front.append((cost, max(err, 1e-16)))
+            low = err
+    return front

@@ -38,8 +38,9 @@ _DATA = {"logreg-a9a": "a9a", "hyperclean-mnist": "mnist"}
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bilevel hpo``."""
     p = subparsers.add_parser("hpo", help="hyperparameter optimisation / data hyper-cleaning on real data",
-                              description="Hyperparameter optimisation (per-feature L2 weights of logistic regression on a9a) and data "
-                              "hyper-cleaning (noisy MNIST) on real data, estimator against estimator.",
+                              description="Hyperparameter optimisation (per-feature L2 weights of logistic "
+                              "regression on a9a) and data hyper-cleaning (noisy MNIST) on real data, estimator "
+                              "against estimator.",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="methods: logreg-a9a: " + ", ".join(LOGREG_METHODS)
                               + "; hyperclean-mnist: " + ", ".join(HYPERCLEAN_METHODS)
@@ -103,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
                         eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress)
     if not cfg.outer_lr > 0 or not cfg.time_limit > 0:
         raise UsageError("--outer-lr and --time-limit must be positive.")
-    out = check_writable(args.out or Path(f"hpo-{args.problem}"), "bilevel hpo")
+    try:
+        out = check_writable(args.out or Path(f"hpo-{args.problem}"), "bilevel hpo")
+    except ValueError as err:
+        raise UsageError(str(err).removeprefix("bilevel hpo: ")) from None
     root = data_root(args.data) / _DATA[args.problem]
     torch.set_num_threads(args.threads)
     try:

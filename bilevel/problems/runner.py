@@ -48,20 +48,21 @@ def run_method(problem: BilevelProblem, method: Method, hparams: Params, params0
                progress: bool = False) -> tuple[list[dict[str, Any]], Params, Params]:
     """Adam on ``hparams`` with ``method``'s hypergradients, for ``steps`` outer steps or ``time_limit`` s.
 
-    ``time_s`` counts the hypergradients and updates only; ``evaluate(hparams, params)``
+    ``time_s`` (wall) and ``cpu_s`` (process CPU time, which load from other processes on a
+    shared machine does not inflate) count the hypergradients and updates only; ``evaluate(hparams, params)``
     (test metrics, say) runs every ``eval_every`` steps outside the clock. Failed statuses
     (a linear solve short of its tolerance, ...) do not stop the run: they are recorded in
     the ``result`` column. Returns ``(rows, final hparams, final inner params)``.
     """
     x = {k: v.detach().clone().requires_grad_(True) for k, v in hparams.items()}
     opt = torch.optim.Adam(list(x.values()), lr=lr)
-    y, adjoint, elapsed, rows = params0, None, 0.0, []
+    y, adjoint, elapsed, cpu, rows = params0, None, 0.0, 0.0, []
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc=method.name, unit="step", leave=False)
     for step in range(steps):
-        tic = time.perf_counter()
+        tic, cpu_tic = time.perf_counter(), time.process_time()
         start = method.start(x, y) if method.start is not None else y
         hg = hypergrad(problem, x, start, inner=method.inner, estimator=method.estimator,
                        inner_batch=method.inner_batch(step), outer_batch=outer_batch, throw=False,
@@ -72,10 +73,11 @@ def run_method(problem: BilevelProblem, method: Method, hparams: Params, params0
         if method.warm_start:
             y, adjoint = hg.params, hg.adjoint
         elapsed += time.perf_counter() - tic
+        cpu += time.process_time() - cpu_tic
         last = step == steps - 1 or elapsed >= time_limit
         if step % eval_every == 0 or last:
             status = hg.result.name if isinstance(hg.result, RESULTS) else str(hg.result)
-            rows.append({"method": method.name, "step": step + 1, "time_s": elapsed,
+            rows.append({"method": method.name, "step": step + 1, "time_s": elapsed, "cpu_s": cpu,
                          "outer_value": float(hg.outer_value), "hypergrad_norm": float(tree_norm(hg.value)),
                          "result": status, "num_hvp": hg.stats["num_hvp"],
                          **evaluate({k: v.detach() for k, v in x.items()}, hg.params)})
