@@ -7,13 +7,13 @@ instead of Q + 1), so the time per hypergradient should stay well below that of
 Q separate solves; the target is ``ESJ / (Q x one solve) <= 0.6``.
 
 Problems: the learned-start ridge problem of :mod:`benchmarks.bench_memory` at
-``d = 100_000`` (64 rows, N = 20 inner steps: one solve is memory-bandwidth
+``p = 100_000`` inner parameters (64 rows, N = 20 inner steps: one solve is memory-bandwidth
 bound), with the data product written ``X @ w`` and ``w @ X.T`` (the same
 function; under ``vmap`` the second's backward is a row-major matrix product,
-which CPU BLAS runs several times faster here), and at ``d = 1_000`` (16 rows,
+which CPU BLAS runs several times faster here), and at ``p = 1_000`` (16 rows,
 N = 100: one solve is dominated by per-step overhead).
 
-This module imports only torch and bilevel, so it also works as a plain module.
+This module imports only torch, bilevel and bench_memory, so it also works as a plain module.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ except ImportError:  # imported as a top-level module
     from bench_memory import make_case
 
 #: name -> (d, rows, N, row_major)
-PROBLEMS = {"d=100000, X @ w": (100_000, 64, 20, False), "d=100000, w @ X.T": (100_000, 64, 20, True),
-            "d=1000, X @ w": (1_000, 16, 100, False)}
+PROBLEMS = {"p=100000, X @ w": (100_000, 64, 20, False), "p=100000, w @ X.T": (100_000, 64, 20, True),
+            "p=1000, X @ w": (1_000, 16, 100, False)}
 DIRECTIONS = (4, 8, 16)
 
 

@@ -108,6 +108,10 @@ def test_meta_train_command_writes_every_output_and_resumes(tmp_path, capsys) ->
     assert "metasgd (4 it.)" in capsys.readouterr().out
     assert main([*args[:6], "6", *args[7:]]) == 0  # resumes from iteration 4
     assert json.loads((tmp_path / "results.json").read_text())["iterations"] == 6
+    with pytest.raises(SystemExit) as exit_info:  # another configuration in the same folder
+        main([*args[:6], "6", *args[7:], "--outer-lr", "0.01"])
+    assert exit_info.value.code == 2
+    assert "different configuration" in capsys.readouterr().err
 
 
 def test_meta_train_command_usage_errors(tmp_path) -> None:

@@ -33,7 +33,7 @@ from .._problem import BilevelProblem
 from .._result import LinearSolution
 from ..inner._base import AbstractInnerSolver, LoopState, loop_run
 from ..linear._base import AbstractLinearSolver, MatVec
-from ._unit import Options, Unit, run
+from ._unit import Options, Unit, intern, run
 
 _TENSOR = object()  # marks where a tensor leaf sat among the static leaves
 _structures: dict[Hashable, tuple[Any, tuple]] = {}
@@ -91,40 +91,110 @@ def merge(tensors: Any, spec: Any, statics: tuple) -> Any:
     return tree_unflatten([next(it) if s is _TENSOR else s for s in statics], spec)
 
 
+def tensors_of(tree: Any, out: list[Tensor]) -> list[Tensor]:
+    """The tensor leaves of ``tree`` in :func:`tree_flatten`'s order (dicts, tuples, lists and
+    named tuples are walked; anything else is a leaf), without building a tree spec: the
+    per-call path of a prepared unit."""
+    if isinstance(tree, Tensor):
+        out.append(tree)
+    elif type(tree) is dict or isinstance(tree, dict):
+        for v in tree.values():
+            tensors_of(v, out)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            tensors_of(v, out)
+    return out
+
+
+def template_of(tree: Any) -> Any:
+    """``tree`` with every tensor replaced by a marker (what :func:`rebuild` fills in)."""
+    if isinstance(tree, Tensor):
+        return _TENSOR
+    if isinstance(tree, dict):
+        return {k: template_of(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(template_of(v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(template_of(v) for v in tree)
+    return tree
+
+
+def rebuild(template: Any, it: Any) -> Any:
+    if template is _TENSOR:
+        return next(it)
+    if isinstance(template, dict):
+        return {k: rebuild(v, it) for k, v in template.items()}
+    if isinstance(template, tuple) and hasattr(template, "_fields"):
+        return type(template)(*(rebuild(v, it) for v in template))
+    if isinstance(template, (tuple, list)):
+        return type(template)(rebuild(v, it) for v in template)
+    return template
+
+
+class Prepared:
+    """``fn(*args)`` as a compiled unit, its static analysis done once: call it with arguments of
+    the same structure (same problem, same tree structures, new tensors)."""
+
+    def __init__(self, runner: "Runner", kind: Hashable, name: str, fn: Callable[..., Any], args: tuple,
+                 like: Any = None, problem: Any = None) -> None:
+        _, spec, statics = split(args)
+        key = intern((kind, runner.options, spec, runner.key_of(statics)))
+        if like is None:
+            if key not in _structures:  # one eager call learns the output structure (and its static leaves)
+                with _runner.installed(None):
+                    _structures[key] = template_of(fn(*args))
+            self.template = _structures[key]
+        else:
+            self.template = template_of(like)
+
+        def unit_fn(*leaves: Tensor) -> tuple[Tensor, ...]:
+            out = fn(*merge(leaves, spec, statics))
+            return tuple(v for v in tree_flatten(out)[0] if isinstance(v, Tensor))
+
+        group = None if problem is None else runner.key_of(problem)
+        self.unit = Unit(key, unit_fn, name=name, options=runner.options, group=group,
+                         group_name="" if problem is None else _problem_name(problem))
+
+    def __call__(self, *args: Any) -> Any:
+        out = run(self.unit, tuple(tensors_of(args, [])))
+        return rebuild(self.template, iter(out))
+
+
 class Runner:
     """Executes the primitives as compiled units (installed by :class:`bilevel.Compiled` for one call)."""
 
     def __init__(self, chunk: int | None, options: Options) -> None:
         self.chunk = chunk          # inner steps per unit; None: the whole run of steps
         self.options = options
+        self._keys: dict[int, tuple[Any, Hashable]] = {}
+        self._scalars: dict[tuple, Tensor] = {}
+
+    def key_of(self, obj: Any) -> Hashable:
+        """:func:`static_key`, remembered per object (the object is kept alive, so its id stays its own)."""
+        hit = self._keys.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        key = static_key(obj)
+        if len(self._keys) > 256:
+            self._keys.clear()
+        self._keys[id(obj)] = (obj, key)
+        return key
+
+    def scalar(self, value: Any, like: Tensor) -> Tensor:
+        """A 0-dim tensor holding ``value`` on ``like``'s device (made once, reused: it is never modified)."""
+        key = (value, type(value), like.device)
+        t = self._scalars.get(key)
+        if t is None:
+            t = self._scalars[key] = torch.tensor(value, device=like.device)
+        return t
 
     # -- the generic unit --------------------------------------------------------------------
     def call(self, kind: Hashable, name: str, fn: Callable[..., Any], args: tuple, like: Any = None,
-             problem: BilevelProblem | None = None) -> Any:
+             problem: Any = None) -> Any:
         """``fn(*args)`` as a compiled unit. The output has the structure of ``like`` when given;
         otherwise it is learnt from one eager call the first time (its non-tensor leaves, such
         as operation counts, are static and kept from that call)."""
-        tensors, spec, statics = split(args)
-        key = (kind, self.options, spec, static_key(statics))
-        if like is not None:
-            _, out_spec, out_statics = split(like)
-        elif key in _structures:
-            out_spec, out_statics = _structures[key]
-        else:
-            with _runner.installed(None):
-                out = fn(*args)
-            _, out_spec, out_statics = split(out)
-            _structures[key] = (out_spec, out_statics)
-
-        def unit_fn(*leaves: Tensor) -> tuple[Tensor, ...]:
-            out = fn(*merge(leaves, spec, statics))
-            return tuple(v for v in tree_flatten(out)[0] if isinstance(v, Tensor))
-
-        group = None if problem is None else static_key(problem)
-        unit = Unit(key, unit_fn, name=name, options=self.options, group=group,
-                    group_name="" if problem is None else _problem_name(problem))
-        out = run(unit, tuple(tensors))
-        return merge(out, out_spec, out_statics)
+        return Prepared(self, kind, name, fn, args, like, problem)(*args)
 
     # -- the primitives ------------------------------------------------------------------------
     def loop_run(self, solver: AbstractInnerSolver, loop: LoopState, grad_fn: Callable,
@@ -135,16 +205,20 @@ class Runner:
         problem, hparams, batch = parts
         size = stop - start if self.chunk is None else self.chunk
         like = next(iter(loop.solver[0].values()))
+        stochastic = is_stochastic(batch)
+        prepared: dict[tuple, Prepared] = {}
         pos = start
         while pos < stop:
             n = min(size, stop - pos)
-            stochastic = is_stochastic(batch)
             batches = tuple(batch_at(batch, j) for j in range(pos, pos + n)) if stochastic else (batch,)
-            offset = torch.tensor(pos - 1, dtype=torch.int64, device=like.device)
-            first = torch.tensor(pos == 0, device=like.device)
-            body = _ChunkBody(solver, n, stochastic)
-            loop = self.call(("inner", body), f"{n} inner step(s) of g={_name(problem.inner)}", body,
-                             (problem, loop, hparams, batches, offset, first), like=loop, problem=problem)
+            args = (problem, loop, hparams, batches, self.scalar(pos - 1, like), self.scalar(pos == 0, like))
+            shape = (n, split(batches)[1]) if stochastic else n  # a sampler may change the batch structure
+            unit = prepared.get(shape)
+            if unit is None:
+                body = _ChunkBody(solver, n, stochastic)
+                unit = prepared[shape] = Prepared(self, ("inner", body), f"{n} inner step(s) of "
+                                                  f"g={_name(problem.inner)}", body, args, like=loop, problem=problem)
+            loop = unit(*args)
             pos += n
         return loop
 
@@ -207,11 +281,14 @@ class _MatVec:
                  mode: str) -> None:
         self.runner, self.problem, self.hparams, self.params, self.batch, self.mode = (
             runner, problem, hparams, params, batch, mode)
+        self._unit: Prepared | None = None
 
     def __call__(self, v: dict) -> dict:
-        return self.runner.call(("hvp", self.mode), f"the HVP of g={_name(self.problem.inner)}", _hvp_body,
-                                (self.problem, self.hparams, self.params, self.batch, self.mode, v), like=v,
-                                problem=self.problem)
+        args = (self.problem, self.hparams, self.params, self.batch, self.mode, v)
+        if self._unit is None:  # every product of this operator has the structure of the first
+            self._unit = Prepared(self.runner, ("hvp", self.mode), f"the HVP of g={_name(self.problem.inner)}",
+                                  _hvp_body, args, like=v, problem=self.problem)
+        return self._unit(*args)
 
 
 def _hvp_body(problem, hparams, params, batch, mode, v):

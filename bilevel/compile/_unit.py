@@ -45,6 +45,7 @@ _broken_backends: set[str] = set()
 _CACHE_SIZE = 256
 _cache: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
 _warned: set[Hashable] = set()
+_interned: dict[Hashable, int] = {}
 #: ``(unit name, transforms, seconds)`` of every compilation so far (what the benchmark reports per unit).
 compile_log: list[tuple[str, tuple, float]] = []
 _counter = [0]
@@ -113,6 +114,14 @@ def _vjp_of(fn: Callable, in_mask: tuple[bool, ...], out_mask: tuple[bool, ...])
     return pulled
 
 
+def intern(key: Hashable) -> int:
+    """A small integer standing for ``key`` (so that units hash and compare in O(1) per call)."""
+    found = _interned.get(key)
+    if found is None:
+        found = _interned[key] = len(_interned)
+    return found
+
+
 def run(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Execute ``unit`` on ``leaves``, compiled, under whatever transforms are active.
 
@@ -178,8 +187,6 @@ def _execute(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         _cache[cache_key] = compiled
         if len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(cache_key)
     if compiled is _FAILED or unit.group in _failed_groups or unit.options.backend in _broken_backends:
         return eager(unit, leaves)
     try:
@@ -229,7 +236,8 @@ def _compile(unit: Unit) -> Any:
     fresh = types.FunctionType(code, call.__globals__, name, None, call.__closure__)
     opts = unit.options
     try:
-        return torch.compile(fresh, fullgraph=True, dynamic=opts.dynamic, backend=opts.backend, mode=opts.mode)
+        return torch.compile(fresh, fullgraph=True, dynamic=opts.dynamic, backend=opts.backend, mode=opts.mode,
+                             options={"guard_filter_fn": _guard_filter})
     except Exception as err:  # noqa: BLE001 - e.g. an unknown backend, or an unsupported Python / torch
         warn_once(("compile", opts), f"bl.Compiled: torch.compile is not usable here ({describe(err)}). "
                                     "Running eagerly instead (same numbers, eager speed).")
@@ -244,6 +252,20 @@ def _is_compiler_failure(err: BaseException) -> bool:
             return True
         err, seen = err.__cause__ or err.__context__, seen + 1
     return False
+
+
+def _guard_filter(entries: Any) -> list[bool]:
+    """Keep dynamo's guards except those on the unit's own closure (the problem, the solver, the tree
+    structures: the unit's key already fixes them for this compiled function) and on torch's and
+    bilevel's modules. Tensor guards (shapes, dtypes, strides) are kept wherever the tensor comes from,
+    and so are guards on the global state (grad mode, functorch levels) and on the user's globals."""
+    return [e.guard_type in _TENSOR_GUARDS or not e.name.startswith(_FIXED) for e in entries]
+
+
+_TENSOR_GUARDS = ("TENSOR_MATCH", "NO_TENSOR_ALIASING", "DIMENSION_DYNAMIC_MARKING_GUARD")
+#: Sources that cannot change under a compiled unit: its closure, and torch's and bilevel's own modules
+#: (the user's modules and globals keep their guards).
+_FIXED = ("fn.", "fn[", "L['fn']", "G['__import_torch", "G['__import_bilevel", "__import__('torch')")
 
 
 def describe(err: BaseException) -> str:

@@ -39,12 +39,15 @@ class Compiled(AbstractEstimator):
     ``granularity`` chooses what one unit is (see the table in the docs, "Compiled
     execution", for compile and run times on the ridge benchmark):
 
-    * ``"chunk"`` (default): ``chunk`` inner steps per unit, one unit per linear solve
-      (all its iterations and HVPs) and per outer gradient. Compile time does not grow
-      with the number of inner steps: a second chunk reuses the first one's code.
-    * ``"step"``: one inner step per unit and one HVP per unit (the linear solver's own
-      iterations stay eager). The cheapest to compile; the most calls.
-    * ``"solve"``: the whole inner solve is one unit (compile time grows with ``steps``).
+    * ``"chunk"`` (default): ``chunk`` inner steps per unit, one Hessian-vector product
+      per unit (the linear solver's own vector updates stay eager), the outer gradients and
+      the mixed second derivative one unit each. Compile time does not grow with the
+      number of inner steps or linear-solver iterations: every chunk reuses the first
+      one's code, every product the first product's.
+    * ``"step"``: as ``"chunk"`` with one inner step per unit. The cheapest to compile;
+      the most calls.
+    * ``"solve"``: the whole inner solve is one unit and the whole linear solve
+      (iterations and products) another. Compile time grows with the number of steps.
     * ``"estimator"``: the whole estimator is one unit — fastest for a few inner steps
       (MAML-style), slow to compile for many. Needs fixed batches (with a
       :class:`~bilevel.Sampler` it runs as ``"solve"``).
@@ -104,7 +107,7 @@ class Compiled(AbstractEstimator):
         runner = Runner(chunk, options)
         staged = estimator
         solver = getattr(estimator, "linear_solver", None)
-        if self.granularity != "step" and solver is not None and dataclasses.is_dataclass(estimator):
+        if self.granularity == "solve" and solver is not None and dataclasses.is_dataclass(estimator):
             staged = dataclasses.replace(estimator, linear_solver=CompiledLinearSolver(solver, runner))
         object.__setattr__(self, "_plain", estimator)    # the estimator with the compiled path's HVP mode
         object.__setattr__(self, "_staged", staged)      # ... and its linear solves as units

@@ -51,7 +51,8 @@ class MamlStudy(AbstractStudy):
         alpha: the base inner step size alpha_0 (fixed schedule: alpha_0; 1/N schedule: alpha_0 / N).
         alpha_small: the smaller fixed step size alpha_s.
         outer_steps, meta_batch, outer_lr: meta-training length, tasks per step, SGD step.
-        batch_grid, batch_n: meta-batch sizes of part 2 and its N.
+        batch_grid, batch_n, batch_steps: meta-batch sizes of part 2, its N and its number of outer steps
+            (longer than part 1, so that the runs reach their noise floor).
         eval_tasks, eval_every: evaluation set size and spacing.
         seed: initialisation, task batches, evaluation tasks.
     """
@@ -67,6 +68,7 @@ class MamlStudy(AbstractStudy):
     outer_lr: float = 0.03
     batch_grid: tuple[int, ...] = (1, 4, 16, 64)
     batch_n: int = 4
+    batch_steps: int = 300
     eval_tasks: int = 100
     eval_every: int = 5
     seed: int = 0
@@ -75,7 +77,7 @@ class MamlStudy(AbstractStudy):
         call = "bilevel convergence --study maml"
         object.__setattr__(self, "n_grid", check_grid(self.n_grid, "n_grid", call))
         object.__setattr__(self, "batch_grid", check_grid(self.batch_grid, "batch_grid", call))
-        for name in ("outer_steps", "meta_batch", "batch_n", "eval_tasks", "eval_every"):
+        for name in ("outer_steps", "meta_batch", "batch_n", "batch_steps", "eval_tasks", "eval_every"):
             check_positive(getattr(self, name), name, call)
         for name in ("alpha", "alpha_small", "outer_lr"):
             check_positive(getattr(self, name), name, call, integer=False)
@@ -84,8 +86,8 @@ class MamlStudy(AbstractStudy):
 
     @classmethod
     def quick(cls, **overrides: Any) -> "MamlStudy":
-        small = dict(n_grid=(1, 2), outer_steps=4, meta_batch=2, batch_grid=(1, 2), batch_n=1, eval_tasks=4,
-                     eval_every=2)
+        small = dict(n_grid=(1, 2), outer_steps=4, meta_batch=2, batch_grid=(1, 2), batch_n=1, batch_steps=4,
+                     eval_tasks=4, eval_every=2)
         return replace(cls(), **{**small, **overrides})
 
     def run(self, out: str | os.PathLike, *, progress: bool = True, on_row: RowHook | None = None) -> StudyReport:
@@ -97,15 +99,16 @@ class MamlStudy(AbstractStudy):
         bar = progress_bar(3 * len(self.n_grid) + len(self.batch_grid), "maml", progress)
         steps: dict[tuple[str, int], list] = {}
         batches: dict[int, list] = {}
-        common = dict(outer_steps=self.outer_steps, outer_lr=self.outer_lr, optimizer="sgd", family=family,
-                      eval_tasks=eval_tasks, eval_every=self.eval_every, seed=self.seed)
+        common = dict(outer_lr=self.outer_lr, optimizer="sgd", family=family, eval_tasks=eval_tasks,
+                      eval_every=self.eval_every, seed=self.seed)
         try:
             with CsvLog(out / "maml_step_size.csv", STEP_COLUMNS, on_row) as log:
                 report.files.append(log.path)
                 for n in self.n_grid:
                     for schedule, alpha in self._schedules(n):
                         pts = steps.setdefault((schedule, n), [])
-                        train(problem, x0, lr=alpha, steps=n, meta_batch=self.meta_batch, **common,
+                        train(problem, x0, lr=alpha, steps=n, meta_batch=self.meta_batch,
+                              outer_steps=self.outer_steps, **common,
                               record=lambda p, s=schedule, n=n, a=alpha, pts=pts: pts.append(
                                   log.write(schedule=s, N=n, alpha=a, **p)))
                         bar.update(1)
@@ -114,7 +117,8 @@ class MamlStudy(AbstractStudy):
                 alpha = self.alpha / self.batch_n
                 for b in self.batch_grid:
                     pts = batches.setdefault(b, [])
-                    train(problem, x0, lr=alpha, steps=self.batch_n, meta_batch=b, **common,
+                    train(problem, x0, lr=alpha, steps=self.batch_n, meta_batch=b, outer_steps=self.batch_steps,
+                          **common,
                           record=lambda p, b=b, pts=pts: pts.append(
                               log.write(meta_batch=b, N=self.batch_n, alpha=alpha, **p)))
                     bar.update(1)
@@ -197,7 +201,7 @@ class MamlStudy(AbstractStudy):
             "Model: 1-40-40-1 ReLU network (MAML's sinusoid network); every weight adapted; ITD meta-gradient "
             f"(second-order MAML); SGD(lr={self.outer_lr}) on the initialisation; meta-batch {self.meta_batch}.",
             f"Part 1: alpha = {self.alpha:g} and alpha = {self.alpha_small:g} for every N, vs alpha = "
-            f"{self.alpha:g}/N. Part 2: N = {self.batch_n}, "
+            f"{self.alpha:g}/N. Part 2 ({self.batch_steps} outer steps): N = {self.batch_n}, "
             f"alpha = {self.alpha:g}/{self.batch_n}, meta-batch B in {list(self.batch_grid)}.",
             "Same seed (so the same initialisation and task stream) for every run; wall time excludes evaluation.",
             "Options: " + ", ".join(options_of(self)),

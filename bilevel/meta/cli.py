@@ -16,6 +16,7 @@ from .. import estimators, inner, linear
 from ..datasets import Sinusoid
 from ._learner import AbstractMetaLearner
 from .anil import ANIL
+from .checkpoint import CheckpointError
 from .evaluate import evaluate, results_table, sinusoid_figure
 from .maml import MAML
 from .meta_sgd import LearnedSGD, MetaSGD
@@ -135,7 +136,10 @@ def run(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
                       on_failure="drop" if args.drop_failed_tasks else "raise")
     out = Path(args.out or f"runs/meta-{args.task}-{args.method}")
-    trained = trainer.run(learner, family, out, resume=not args.no_resume)
+    try:
+        trained = trainer.run(learner, family, out, resume=not args.no_resume)
+    except CheckpointError as err:
+        raise UsageError(f"{err} (or pass --no-resume)") from err
 
     held_out = dataclasses.replace(family, shots=args.eval_shots, queries=100)
     tasks = held_out.sample(args.eval_tasks, EVAL_SEED)

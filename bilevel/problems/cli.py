@@ -28,7 +28,7 @@ PROBLEMS = {"logreg-a9a": LOGREG_METHODS, "hyperclean-mnist": HYPERCLEAN_METHODS
 #: Per-problem defaults of the options left unset on the command line.
 DEFAULTS = {
     "logreg-a9a": dict(steps=100, inner_steps=50, linear_steps=50, batch_size=500, outer_lr=0.1,
-                       n_train=5000, n_val=10000),
+                       n_train=5000, n_val=20000),
     "hyperclean-mnist": dict(steps=5000, inner_steps=10, linear_steps=10, batch_size=2000, outer_lr=0.1,
                              n_train=20000, n_val=5000, time_limit=600.0),
 }
@@ -55,6 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--time-limit", type=finite_float(), help="seconds of outer loop per method")
     p.add_argument("--outer-lr", type=finite_float(), help="Adam step on the hyperparameters")
     p.add_argument("--inner-steps", type=positive_int, help="inner steps per outer step")
+    p.add_argument("--inner-lr", type=finite_float(), help="inner step size (default 1/L from the data)")
     p.add_argument("--linear-steps", type=positive_int, help="CG / Neumann steps per hypergradient")
     p.add_argument("--batch-size", type=positive_int, help="mini-batch of stocBiO's samplers")
     p.add_argument("--n-train", type=positive_int, help="training examples")
@@ -101,9 +102,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = with_defaults(Config(), **{k: v for k, v in defaults.items() if k not in ("n_train", "n_val")})
     cfg = with_defaults(cfg, steps=args.steps, time_limit=args.time_limit, outer_lr=args.outer_lr,
                         inner_steps=args.inner_steps, linear_steps=args.linear_steps, batch_size=args.batch_size,
+                        inner_lr=args.inner_lr,
                         eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress)
-    if not cfg.outer_lr > 0 or not cfg.time_limit > 0:
-        raise UsageError("--outer-lr and --time-limit must be positive.")
+    for option, value in (("--outer-lr", cfg.outer_lr), ("--time-limit", cfg.time_limit),
+                          ("--inner-lr", cfg.inner_lr or 1.0)):
+        if not value > 0:
+            raise UsageError(f"{option} {value:g}: must be positive.")
     try:
         out = check_writable(args.out or Path(f"hpo-{args.problem}"), "bilevel hpo")
     except ValueError as err:

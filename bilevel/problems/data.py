@@ -41,13 +41,13 @@ def _check_sizes(n_train: int, n_val: int, available: int, call: str, source: st
                          f"(n_val <= {max(available - n_train, 0)} with this n_train).")
 
 
-def a9a_splits(root: str | Path, *, n_train: int = 5000, n_val: int = 10000, seed: int = 0,
+def a9a_splits(root: str | Path, *, n_train: int = 5000, n_val: int = 20000, seed: int = 0,
                dtype: torch.dtype = torch.float64) -> Splits:
     """a9a: disjoint random training and validation subsets of the LIBSVM training file (32,561 rows),
     and the whole test file ``a9a.t`` (16,281 rows) as the test set; dense features, labels in {0, 1}.
 
     Example:
-        >>> s = a9a_splits("../shared/data/a9a", n_train=5000, n_val=10000)  # doctest: +SKIP
+        >>> s = a9a_splits("../shared/data/a9a", n_train=5000, n_val=20000)  # doctest: +SKIP
         >>> s.train[0].shape, s.test[0].shape  # doctest: +SKIP
         (torch.Size([5000, 123]), torch.Size([16281, 123]))
     """
