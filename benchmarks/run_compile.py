@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-disk-cache", action="store_true", help="keep torch's on-disk compile caches on")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker (default 1800)")
     parser.add_argument("--out", default=None, help="markdown file to write the table into")
+    parser.add_argument("--json", default=None, help="also append every row, as a JSON line, to this file")
+    parser.add_argument("--render", default=None, help="make the table from the rows of a --json file instead of "
+                        "measuring")
     parser.add_argument("--worker", nargs=2, metavar=("DIM", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -157,7 +160,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.strftime("%Y-%m-%d %H:%M")
     jobs = [(dim, c) for dim in args.dims for c in args.configs] + ([(0, c) for c in MAML_CONFIGS] if args.maml else [])
-    rows = []
+    if args.render:
+        jobs = []
+        rows = [json.loads(line) for line in open(args.render) if line.strip()]
+    else:
+        rows = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for dim, config in jobs:
         cmd = [sys.executable, "-m", "benchmarks.run_compile", "--worker", str(dim), config, "--repeat",
@@ -172,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
         print(f"  {row['config']:28s} d={dim:5d}  ref {row['reference_ms']:7.1f} ms  eager {row['eager_ms']:7.1f} ms  "
               f"compiled {row['compiled_ms']:7.2f} ms  compile {row['compile_s']:6.1f} s", file=sys.stderr, flush=True)
     command = "python -m benchmarks.run_compile " + " ".join(sys.argv[1:] if argv is None else argv)

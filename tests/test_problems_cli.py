@@ -84,7 +84,7 @@ def test_hyperclean_mnist_smoke(capsys, tmp_path):
     root = data_dir("mnist").parent
     argv = ["hpo", "--problem", "hyperclean-mnist", "--method", "stocbio,aid-cg", "--data", str(root),
             "--n-train", "300", "--n-val", "100", "--n-test", "200", "--steps", "2", "--batch-size", "100",
-            "--out", str(tmp_path), "--no-progress"]
+            "--out", str(tmp_path), "--no-progress", "--no-tuned-baseline"]
     assert main(argv) == 0
     table = (tmp_path / "results.md").read_text()
     assert "train on corrupted data (no cleaning)" in table and "oracle" in table and "| stocbio | 2 |" in table

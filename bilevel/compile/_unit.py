@@ -150,9 +150,7 @@ class _Function(torch.autograd.Function):
 
     @staticmethod
     def forward(unit: Unit, *leaves: Tensor) -> tuple[Tensor, ...]:
-        out = _execute(unit, leaves)
-        # An input returned as-is cannot also be saved for backward: hand back a copy.
-        return tuple(o.clone() if any(o is t for t in leaves) else o for o in out)
+        return _fresh_outputs(_execute(unit, leaves), leaves)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -174,8 +172,14 @@ class _Function(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, unit: Unit, *leaves: Tensor) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
-        out = run(unit.vmapped(tuple(in_dims[1:]), info.randomness), leaves)
+        out = _fresh_outputs(run(unit.vmapped(tuple(in_dims[1:]), info.randomness), leaves), leaves)
         return out, (0,) * len(out)
+
+
+def _fresh_outputs(out: tuple[Tensor, ...], leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """An input returned as-is cannot also be saved for backward by an outer transform: copy it."""
+    ids = {id(t) for t in leaves}
+    return tuple(o.clone() if id(o) in ids else o for o in out)
 
 
 def _execute(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

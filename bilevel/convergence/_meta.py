@@ -106,6 +106,24 @@ def maml_problem() -> BilevelProblem:
     return BilevelProblem(inner=loss, outer=loss, init=lambda x: dict(x))
 
 
+def rf_problem(features: int, seed: int, dtype=torch.float32) -> BilevelProblem:
+    r"""MAML on a linear model over fixed random Fourier features
+    :math:`\phi(x) = \sqrt{2/m}\cos(\omega x + b)`: every task's loss is quadratic in the weights, so
+    the meta-objective is a convex quadratic and SGD reaches its noise floor within a few hundred steps."""
+    gen = torch.Generator().manual_seed(seed + 17)
+    omega = torch.randn(features, generator=gen, dtype=dtype)
+    phase = torch.rand(features, generator=gen, dtype=dtype) * 2 * math.pi
+
+    def loss(x: Params, y: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
+        feats = math.sqrt(2.0 / features) * torch.cos(batch[0] * omega + phase)
+        return ((feats @ y["w"] - batch[1][..., 0]) ** 2).mean()
+    return BilevelProblem(inner=loss, outer=loss, init=lambda x: dict(x))
+
+
+def init_rf(features: int, dtype=torch.float32) -> Params:
+    return {"w": torch.zeros(features, dtype=dtype)}
+
+
 def meta_loss(problem: BilevelProblem, x: Params, tasks, lr: float, steps: int) -> float:
     """Mean query loss after ``steps`` inner GD steps of size ``lr`` (the N-step meta-objective)."""
     hg = vmap_hypergrad(problem, x, None, inner=GradientDescent(lr=lr, steps=steps), estimator=FirstOrder(),

@@ -68,6 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every K outer steps (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of splits, corruption and samplers (default 0)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-tuned-baseline", action="store_true",
+                   help="hyper-cleaning: skip the baseline with the L2 weight tuned on validation (4 fits)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
                                              corruption=args.corruption, seed=args.seed)
             if cfg.batch_size > n_train:
                 raise UsageError(f"--batch-size {cfg.batch_size} exceeds --n-train {n_train}.")
-            table = run_hyperclean(splits, names, cfg, out, classifier=args.classifier, hidden=args.hidden)
+            table = run_hyperclean(splits, names, cfg, out, classifier=args.classifier, hidden=args.hidden,
+                                   tune_l2=() if args.no_tuned_baseline else (1e-4, 1e-3, 1e-2, 1e-1))
     except (FileNotFoundError, ValueError) as err:
         if isinstance(err, UsageError):
             raise
