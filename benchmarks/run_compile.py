@@ -12,7 +12,7 @@ hand-written eager torch.func reference of :mod:`benchmarks._reference` are time
 interleaved, in that process. Float32, one thread, ridge problem with n = 1000, 100 gradient steps,
 then 10 CG iterations (AID+CG) or 10 Neumann terms, 10 taped steps for ITD(truncate=10).
 
-A configuration is ``ESTIMATOR/GRANULARITY[:CHUNK][/HVP]``, e.g. ``AID+CG/chunk:10/reverse``;
+A configuration is ``ESTIMATOR/GRANULARITY[:CHUNK][/HVP][/dynamic]``, e.g. ``AID+CG/chunk:10/reverse``;
 ``ESTIMATOR`` is one of :data:`benchmarks._reference.ESTIMATORS`. ``--maml`` adds the MAML
 sinusoid meta-step (meta-batch 25, N = 1 and 5, vmapped over tasks; :mod:`benchmarks.bench_meta`)
 with ``bl.Compiled(bl.ITD(), granularity=...)`` against the library's eager meta-gradient and the
@@ -43,11 +43,17 @@ MAML_CONFIGS = ("MAML:1/estimator", "MAML:5/estimator", "MAML:1/chunk:10", "MAML
 
 def parse(config: str) -> tuple[str, str, int, str | None]:
     """``(estimator, granularity, chunk, hvp)`` of ``ESTIMATOR/GRANULARITY[:CHUNK][/HVP]``."""
+    name, gran, chunk, hvp, _ = parse_options(config)
+    return name, gran, chunk, hvp
+
+
+def parse_options(config: str) -> tuple[str, str, int, str | None, bool]:
+    """:func:`parse` and whether the configuration asks for ``dynamic=True`` (a ``/dynamic`` part)."""
     parts = config.split("/")
     name, gran = parts[0], parts[1]
-    hvp = parts[2] if len(parts) > 2 else None
+    hvp = next((p for p in parts[2:] if p in ("forward", "reverse")), None)
     gran, _, chunk = gran.partition(":")
-    return name, gran, int(chunk) if chunk else 10, hvp
+    return name, gran, int(chunk) if chunk else 10, hvp, "dynamic" in parts[2:]
 
 
 def cpu_seconds() -> float:
@@ -67,14 +73,16 @@ def worker(dim: int, config: str, repeat: int, clock_name: str, warm_disk_cache:
     import bilevel as bl
     from ._reference import best_of
     clock = time.thread_time if clock_name == "thread" else time.perf_counter
-    name, gran, chunk, hvp = parse(config)
+    name, gran, chunk, hvp, dynamic = parse_options(config)
     if name.startswith("MAML:"):
         return maml_worker(int(name.split(":")[1]), gran, chunk, repeat, clock)
+    if name == "HVP":
+        return hvp_worker(dim, gran, repeat, clock)
     from ._reference import exact_solution, library_estimator, make_case, reference_call
     case = make_case(dim, torch.float32, exact_solution(dim))
     inner = bl.GradientDescent(lr=case.lr, steps=100)
     plain = library_estimator(name, case.lr)
-    compiled = bl.Compiled(plain, granularity=gran, chunk=chunk, hvp=hvp)
+    compiled = bl.Compiled(plain, granularity=gran, chunk=chunk, hvp=hvp, dynamic=dynamic)
     train, val = case.ridge.train, case.ridge.val
 
     def call(estimator):
@@ -124,6 +132,41 @@ def maml_worker(steps: int, gran: str, chunk: int, repeat: int, clock) -> dict:
                 compile_s=first.hypergrad.stats["compile_s"], first_call_s=first_wall, compile_cpu_s=first_cpu,
                 second_compile_s=second.hypergrad.stats["compile_s"], rel_diff=diff,
                 status=first.hypergrad.result.name, **{f"{k}_ms": v * 1e3 for k, v in best.items()})
+
+
+def hvp_worker(dim: int, mode: str, repeat: int, clock) -> dict:
+    """One Hessian-vector product of the ridge inner objective at the inner start: eager (as
+    ``bl.AID`` forms it) against the compiled unit ``bl.Compiled`` runs, in HVP mode ``mode``."""
+    import torch
+
+    from bilevel import _runner
+    from bilevel.compile._primitives import Runner
+    from bilevel.compile._unit import Options
+    from bilevel.estimators._base import hvp_yy
+
+    from ._reference import best_of, exact_solution, make_case
+    case = make_case(dim, torch.float32, exact_solution(dim))
+    problem, x, y, batch = case.ridge.problem, case.hparams, case.params0, case.ridge.train
+    v = {"w": torch.randn(dim, generator=torch.Generator().manual_seed(0))}
+    runner = Runner(10, Options())
+
+    def compiled():
+        with _runner.installed(runner):
+            return hvp_yy(problem, x, y, batch, mode)(v)
+
+    started, cpu0 = time.perf_counter(), cpu_seconds()
+    compile0 = _runner.compile_clock()
+    first = compiled()
+    first_wall, first_cpu = time.perf_counter() - started, cpu_seconds() - cpu0
+    compile_s = _runner.compile_clock() - compile0
+    eager = hvp_yy(problem, x, y, batch, mode)(v)
+    diff = float((first["w"] - eager["w"]).norm() / eager["w"].norm())
+    forward = hvp_yy(problem, x, y, batch, "forward")
+    best = best_of({"compiled": compiled, "eager": lambda: hvp_yy(problem, x, y, batch, mode)(v),
+                    "reference": lambda: forward(v)}, repeat, clock=clock)
+    return dict(dim=dim, config=f"HVP/{mode}", compile_s=compile_s, first_call_s=first_wall, compile_cpu_s=first_cpu,
+                second_compile_s=0.0, rel_diff=diff, status="successful",
+                **{f"{k}_ms": v * 1e3 for k, v in best.items()})
 
 
 def table(rows: list[dict]) -> str:

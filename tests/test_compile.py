@@ -188,21 +188,21 @@ def test_vmap_hypergrad_and_a_users_vmap_match_eager(name):
     problem, inner = rs[0].problem, bl.GradientDescent(lr=0.1, steps=STEPS)
     x = {"log_lam": torch.zeros(dim, dtype=torch.float64)}
     y = {"w": torch.zeros(tasks, dim, dtype=torch.float64)}
-    kw = dict(inner=inner, inner_batch=train, outer_batch=val, in_dims=(None, 0, 0, 0))
+    kw = dict(inner=inner, inner_batch=train, outer_batch=val, in_dims=(None, 0, 0, 0), throw=False)
     eager = bl.vmap_hypergrad(problem, x, y, estimator=ESTIMATORS[name], **kw)
-    fast = bl.vmap_hypergrad(problem, x, y, estimator=bl.Compiled(ESTIMATORS[name], chunk=CHUNK,
-                                                                    backend="eager"), **kw)
+    compiled = bl.Compiled(ESTIMATORS[name], chunk=CHUNK, backend="eager")
+    fast = bl.vmap_hypergrad(problem, x, y, estimator=compiled, **kw)
     assert fast.task_results == eager.task_results
     assert rel(fast.value, eager.value) <= 1e-10
 
-    def one(xt, tr, va, estimator):
-        return bl.hypergrad(problem, xt, {"w": torch.zeros(dim, dtype=torch.float64)}, inner=inner,
-                            estimator=estimator, inner_batch=tr, outer_batch=va).value
+    def one(yt, tr, va, estimator):  # a user's own vmap, batched like the call above (shares its units)
+        return bl.hypergrad(problem, x, yt, inner=inner, estimator=estimator, inner_batch=tr, outer_batch=va,
+                            throw=False).value
 
-    xs = {"log_lam": 0.1 * torch.arange(tasks * dim, dtype=torch.float64).reshape(tasks, dim)}
+    ys = {"w": 0.1 * torch.arange(tasks * dim, dtype=torch.float64).reshape(tasks, dim)}
     mine = torch.func.vmap(lambda a, b, c: one(a, b, c, bl.Compiled(ESTIMATORS[name], chunk=CHUNK,
-                                                                    backend="eager")))(xs, train, val)
-    ref = torch.func.vmap(lambda a, b, c: one(a, b, c, ESTIMATORS[name]))(xs, train, val)
+                                                                    backend="eager")))(ys, train, val)
+    ref = torch.func.vmap(lambda a, b, c: one(a, b, c, ESTIMATORS[name]))(ys, train, val)
     assert rel(mine, ref) <= 1e-10
 
 
@@ -215,8 +215,8 @@ def test_maml_meta_gradient_matches_eager(granularity):
     inner = bl.GradientDescent(lr=0.01, steps=2)
     eager = bl.meta.MAML(net, inner=inner)
     theta = eager.init_hparams()
-    fast = bl.meta.MAML(net, inner=inner, estimator=bl.Compiled(bl.ITD(), granularity=granularity,
-                                                                   backend="eager"))
+    compiled = bl.Compiled(bl.ITD(), granularity=granularity, backend="eager")
+    fast = bl.meta.MAML(net, inner=inner, estimator=compiled)
     assert rel(fast.meta_gradient(theta, tasks).value, eager.meta_gradient(theta, tasks).value) <= 1e-6
 
 

@@ -143,3 +143,18 @@ def test_real_omniglot_meta_step(tmp_path) -> None:
     mg = learner.meta_gradient(theta, tasks)
     assert all(torch.isfinite(v).all() for v in mg.value.values())
     assert 0.0 <= evaluate_accuracy(learner, theta, fam, episodes=4, chunk=2).mean <= 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "reptile"], "not available on Omniglot"),
+    (["--shots", "10"], "shots \\+ queries <= 20"),
+    (["--ways", "1", "--shots", "1"], "ways >= 2"),
+    (["--shots", "1"], "--data /no/such/folder"),
+])
+def test_cli_omniglot_rejects_bad_options_before_loading(argv: list[str], message: str, capsys) -> None:
+    from bilevel._cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["meta-train", "--task", "omniglot", "--data", "/no/such/folder", *argv])
+    assert exit_info.value.code == 2
+    assert message.replace("\\", "") in capsys.readouterr().err

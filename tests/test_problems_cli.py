@@ -71,7 +71,7 @@ def test_logreg_a9a_smoke(capsys, tmp_path):
             "--batch-size", "50", "--out", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "| grid search (13 shared weights)" in out and "| stocbio | 2 |" in out
+    assert "| grid search (25 shared weights)" in out and "| stocbio | 2 |" in out
     rows = _rows(tmp_path / "curves.csv")
     assert [r["method"] for r in rows] == ["reference"] * 2 + ["stocbio"] * 2
     assert all(0 < float(r["test_loss"]) < 1 for r in rows)

@@ -130,3 +130,15 @@ def test_minibatch_sampler_is_seeded_by_seed_and_step():
         bl.Sampler.minibatches((data[0], data[1][:24]), 5)
     with pytest.raises(TypeError, match="seed must be an int"):
         bl.Sampler.minibatches(data, 5, seed=1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("estimator", [bl.ITD(), bl.ITD(truncate=2), bl.FirstOrder(), bl.ESJ(directions=3)])
+def test_itd_and_esj_draw_one_batch_per_inner_step(estimator):
+    hpo = _tiny_logreg()
+    rec = Recorder(hpo.train)
+    hg = bl.hypergrad(hpo.problem, hpo.hparams(1e-2), hpo.params0(), inner=bl.GradientDescent(lr=0.5, steps=4),
+                      estimator=estimator, inner_batch=bl.Sampler(rec), outer_batch=hpo.val)
+    assert rec.calls == [0, 1, 2, 3]                      # ESJ: the Q + 1 solves share each step's draw
+    full = bl.hypergrad(hpo.problem, hpo.hparams(1e-2), hpo.params0(), inner=bl.GradientDescent(lr=0.5, steps=4),
+                        estimator=estimator, inner_batch=hpo.train, outer_batch=hpo.val)
+    assert torch.allclose(hg.value["log_lam"], full.value["log_lam"], rtol=1e-12, atol=1e-15)

@@ -16,8 +16,6 @@ call with the same shapes does not recompile.
 
 from __future__ import annotations
 
-import dataclasses
-import types
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from .. import _runner
 from .._batch import Sampler, batch_at, is_stochastic
@@ -33,102 +31,10 @@ from .._problem import BilevelProblem
 from .._result import LinearSolution
 from ..inner._base import AbstractInnerSolver, LoopState, loop_run
 from ..linear._base import AbstractLinearSolver, MatVec
+from ._trees import merge, rebuild, split, static_key, template_of, tensors_of
 from ._unit import Options, Unit, intern, run
 
-_TENSOR = object()  # marks where a tensor leaf sat among the static leaves
-_structures: dict[Hashable, tuple[Any, tuple]] = {}
-
-
-def static_key(obj: Any, depth: int = 0) -> Hashable:
-    """A hashable key that determines what ``obj`` computes.
-
-    Functions are keyed by their code, defaults and closure contents (so a closure rebuilt
-    with equal contents, like iMAML's proximal objective, keys the same), tensors by identity
-    (the compiled unit keeps the original alive), hashable values by value, anything else by
-    identity.
-    """
-    if depth > 6:
-        return ("id", id(obj))
-    if isinstance(obj, Tensor):
-        return ("tensor", id(obj))
-    if isinstance(obj, types.FunctionType):
-        cells = tuple(static_key(c.cell_contents, depth + 1) if _filled(c) else None for c in obj.__closure__ or ())
-        return ("function", obj.__code__, id(obj.__globals__), static_key(obj.__defaults__, depth + 1), cells)
-    if isinstance(obj, types.MethodType):
-        return ("method", obj.__func__, static_key(obj.__self__, depth + 1))
-    if isinstance(obj, BilevelProblem):
-        return ("problem", *(static_key(f, depth + 1) for f in (obj.inner, obj.outer, obj.init)))
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # field by field: tensors by identity
-        return (type(obj), tuple(static_key(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)))
-    if isinstance(obj, (tuple, list)):
-        return (type(obj), tuple(static_key(o, depth + 1) for o in obj))
-    if isinstance(obj, dict):
-        return (dict, tuple((k, static_key(v, depth + 1)) for k, v in obj.items()))
-    try:
-        hash(obj)
-    except TypeError:
-        return ("id", id(obj))
-    return obj
-
-
-def _filled(cell: types.CellType) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
-
-
-def split(tree: Any) -> tuple[list[Tensor], Any, tuple]:
-    """``(tensor leaves, structure, leaves with tensors replaced by a marker)``."""
-    leaves, spec = tree_flatten(tree)
-    return [v for v in leaves if isinstance(v, Tensor)], spec, tuple(_TENSOR if isinstance(v, Tensor) else v
-                                                                       for v in leaves)
-
-
-def merge(tensors: Any, spec: Any, statics: tuple) -> Any:
-    it = iter(tensors)
-    return tree_unflatten([next(it) if s is _TENSOR else s for s in statics], spec)
-
-
-def tensors_of(tree: Any, out: list[Tensor]) -> list[Tensor]:
-    """The tensor leaves of ``tree`` in :func:`tree_flatten`'s order (dicts, tuples, lists and
-    named tuples are walked; anything else is a leaf), without building a tree spec: the
-    per-call path of a prepared unit."""
-    if isinstance(tree, Tensor):
-        out.append(tree)
-    elif type(tree) is dict or isinstance(tree, dict):
-        for v in tree.values():
-            tensors_of(v, out)
-    elif isinstance(tree, (tuple, list)):
-        for v in tree:
-            tensors_of(v, out)
-    return out
-
-
-def template_of(tree: Any) -> Any:
-    """``tree`` with every tensor replaced by a marker (what :func:`rebuild` fills in)."""
-    if isinstance(tree, Tensor):
-        return _TENSOR
-    if isinstance(tree, dict):
-        return {k: template_of(v) for k, v in tree.items()}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(template_of(v) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(template_of(v) for v in tree)
-    return tree
-
-
-def rebuild(template: Any, it: Any) -> Any:
-    if template is _TENSOR:
-        return next(it)
-    if isinstance(template, dict):
-        return {k: rebuild(v, it) for k, v in template.items()}
-    if isinstance(template, tuple) and hasattr(template, "_fields"):
-        return type(template)(*(rebuild(v, it) for v in template))
-    if isinstance(template, (tuple, list)):
-        return type(template)(rebuild(v, it) for v in template)
-    return template
+_structures: dict[Hashable, Any] = {}  # output template of each unit learnt by an eager call
 
 
 class Prepared:
@@ -170,7 +76,12 @@ class Runner:
         self._scalars: dict[tuple, Tensor] = {}
 
     def key_of(self, obj: Any) -> Hashable:
-        """:func:`static_key`, remembered per object (the object is kept alive, so its id stays its own)."""
+        """:func:`static_key`, remembered per object (the object is kept alive, so its id stays its own);
+        tuples (fresh at every call) are keyed element by element."""
+        if type(obj) is tuple:
+            return (tuple, tuple(self.key_of(o) for o in obj))
+        if obj is None or isinstance(obj, (str, int, float, bool)):
+            return (type(obj), obj)  # the type too: True == 1, but they compute differently
         hit = self._keys.get(id(obj))
         if hit is not None and hit[0] is obj:
             return hit[1]
@@ -256,8 +167,8 @@ class _ChunkBody:
     n: int
     stochastic: bool
 
-    def __call__(self, problem: BilevelProblem, loop: LoopState, hparams: dict, batches: tuple,
-                  offset: Tensor, first: Tensor) -> LoopState:
+    def __call__(self, problem: BilevelProblem, loop: LoopState, hparams: dict, batches: tuple, offset: Tensor,
+                 first: Tensor) -> LoopState:
         batch = Sampler(lambda k: batches[k - 1]) if self.stochastic else batches[0]
         value_and_grad = grad_and_value(lambda y, b: problem.inner_value(hparams, y, b))
         losses: list[Tensor] = []

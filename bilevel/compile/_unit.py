@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import types
-import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,6 +35,8 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.func import vjp, vmap
 
 from .. import _runner
+from . import _fallback
+from ._fallback import describe, is_compiler_failure, warn_once
 
 #: ``("vmap", in_dims, randomness)`` or ``("vjp", in_mask, out_mask)``.
 Transform = tuple
@@ -44,7 +45,6 @@ _failed_groups: set[Hashable] = set()
 _broken_backends: set[str] = set()
 _CACHE_SIZE = 256
 _cache: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
-_warned: set[Hashable] = set()
 _interned: dict[Hashable, int] = {}
 #: ``(unit name, transforms, seconds)`` of every compilation so far (what the benchmark reports per unit).
 compile_log: list[tuple[str, tuple, float]] = []
@@ -202,7 +202,7 @@ def _execute(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     except Exception as err:  # noqa: BLE001 - any failure to compile falls back to the eager unit
         out = eager(unit, leaves)  # a genuine error in the user's code raises here, with its notes
         _cache[cache_key] = _FAILED
-        if _is_compiler_failure(err):
+        if is_compiler_failure(err):
             _broken_backends.add(unit.options.backend)
             warn_once(("backend", unit.options.backend),
                       f"bl.Compiled: torch.compile's {unit.options.backend!r} backend failed to build "
@@ -244,18 +244,8 @@ def _compile(unit: Unit) -> Any:
                              options={"guard_filter_fn": _guard_filter})
     except Exception as err:  # noqa: BLE001 - e.g. an unknown backend, or an unsupported Python / torch
         warn_once(("compile", opts), f"bl.Compiled: torch.compile is not usable here ({describe(err)}). "
-                                    "Running eagerly instead (same numbers, eager speed).")
+                  "Running eagerly instead (same numbers, eager speed).")
         return _FAILED
-
-
-def _is_compiler_failure(err: BaseException) -> bool:
-    """Whether the C++ toolchain failed (rather than dynamo failing to trace the user's code)."""
-    seen = 0
-    while err is not None and seen < 8:
-        if type(err).__name__ in ("CppCompileError", "InvalidCxxCompiler"):
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
 
 
 def _guard_filter(entries: Any) -> list[bool]:
@@ -272,35 +262,9 @@ _TENSOR_GUARDS = ("TENSOR_MATCH", "NO_TENSOR_ALIASING", "DIMENSION_DYNAMIC_MARKI
 _FIXED = ("fn.", "fn[", "L['fn']", "G['__import_torch", "G['__import_bilevel", "__import__('torch')")
 
 
-def describe(err: BaseException) -> str:
-    """One line: the exception type, the first line of its message and the user frame it names."""
-    text = str(err).strip().splitlines()
-    head = next((line.strip() for line in text if line.strip()), "")
-    reason = f"{type(err).__name__}: {head}"[:300]
-    frame = _user_frame(err)
-    return f"{reason}{f' (at {frame})' if frame else ''}."
-
-
-def _user_frame(err: BaseException) -> str | None:
-    """The innermost frame of the user's code (outside torch and bilevel) that dynamo reports."""
-    stack = getattr(err, "real_stack", None) or []
-    for frame in reversed(list(stack)):
-        path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and "/bilevel/" not in path:
-            return f"{frame.name} in {path}:{frame.lineno}"
-    return None
-
-
-def warn_once(key: Hashable, message: str) -> None:
-    if key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def clear() -> None:
     """Forget every compiled unit and warning (the tests use this; dynamo's own caches remain)."""
     _cache.clear()
-    _warned.clear()
+    _fallback.clear()
     _failed_groups.clear()
     _broken_backends.clear()

@@ -15,7 +15,8 @@ from .._tree import Batch, Params
 from ..estimators._base import AbstractEstimator, Counts, Estimate
 from ..inner._base import AbstractInnerSolver
 from ._primitives import CompiledLinearSolver, Runner
-from ._unit import Options, warn_once
+from ._fallback import warn_once
+from ._unit import Options
 
 Granularity = Literal["step", "chunk", "solve", "estimator"]
 _GRANULARITIES = ("step", "chunk", "solve", "estimator")
@@ -72,8 +73,13 @@ class Compiled(AbstractEstimator):
 
     Example:
         >>> import bilevel as bl
-        >>> bl.Compiled(bl.AID(linear_solver=bl.CG(max_steps=10)))
-        Compiled(estimator=AID(linear_solver=CG(max_steps=10, rtol=1e-10, atol=0.0), hvp='forward'), granularity='chunk', chunk=10, hvp=None, backend='inductor', mode=None, dynamic=False)
+        >>> estimator = bl.Compiled(bl.AID(linear_solver=bl.CG(max_steps=10)))
+        >>> estimator.granularity, estimator.chunk, estimator.linear_solver
+        ('chunk', 10, CG(max_steps=10, rtol=1e-10, atol=0.0))
+
+        Pass it wherever an estimator goes: ``bl.hypergrad(problem, x, y0, inner=...,
+        estimator=estimator)``, :func:`~bilevel.vmap_hypergrad`, ``bl.meta.MAML(net,
+        estimator=bl.Compiled(bl.ITD(), granularity="estimator"))``.
 
     Reference: J. Ansel et al., "PyTorch 2: faster machine learning through dynamic Python
     bytecode transformation and graph compilation", ASPLOS 2024.

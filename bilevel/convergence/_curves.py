@@ -8,17 +8,17 @@ from typing import Any
 Rows = list[dict[str, Any]]
 
 
-def reach(points: Rows, level: float) -> tuple[float, float]:
+def reach(points: Rows, level: float, clock: str = "time_s") -> tuple[float, float]:
     """``(iterations, seconds)`` at which the curve first reaches ``level`` (linear interpolation
-    between evaluation points); ``(inf, inf)`` if it never does."""
+    between evaluation points; seconds from the ``clock`` column); ``(inf, inf)`` if it never does."""
     prev = None
     for p in points:
         if p["meta_loss"] <= level:
             if prev is None:
-                return float(p["step"]), p["time_s"]
+                return float(p["step"]), p[clock]
             frac = (prev["meta_loss"] - level) / max(prev["meta_loss"] - p["meta_loss"], 1e-300)
             return (prev["step"] + frac * (p["step"] - prev["step"]),
-                    prev["time_s"] + frac * (p["time_s"] - prev["time_s"]))
+                    prev[clock] + frac * (p[clock] - prev[clock]))
         prev = p
     return math.inf, math.inf
 

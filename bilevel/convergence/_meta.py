@@ -137,7 +137,8 @@ def train(problem: BilevelProblem, x0: Params, *, lr: float, steps: int, outer_s
           record: Callable[[dict[str, Any]], None], estimator=None) -> None:
     """Meta-train from ``x0``; call ``record(point)`` at step 0 and every ``eval_every`` steps.
 
-    A point holds ``step``, ``time_s`` (seconds of meta-gradient steps so far; evaluation excluded),
+    A point holds ``step``, ``time_s`` and ``cpu_s`` (wall-clock and process CPU seconds of the
+    meta-gradient steps so far; evaluation excluded),
     ``meta_loss`` on ``eval_tasks``, ``train_loss`` (the last batch's query loss), ``failed_tasks``
     (tasks of the last batch whose inner solve reported a failure, e.g. a growing inner loss) and ``status``.
     A non-finite meta-gradient or evaluation ends the run with ``status='diverged'``.
@@ -148,19 +149,19 @@ def train(problem: BilevelProblem, x0: Params, *, lr: float, steps: int, outer_s
     gen = torch.Generator().manual_seed(seed)
     inner = GradientDescent(lr=lr, steps=steps)
     estimator = ITD() if estimator is None else estimator
-    elapsed, train_loss, failed = 0.0, float("nan"), 0
+    elapsed, cpu, train_loss, failed = 0.0, 0.0, float("nan"), 0
     for step in range(outer_steps + 1):
         if step % eval_every == 0 or step == outer_steps:
             value = meta_loss(problem, x, eval_tasks, lr, steps)
             ok = math.isfinite(value) and (step == 0 or math.isfinite(train_loss))
-            record(dict(step=step, time_s=elapsed, meta_loss=value, train_loss=train_loss, failed_tasks=failed,
-                        status="ok" if ok else "diverged"))
+            record(dict(step=step, time_s=elapsed, cpu_s=cpu, meta_loss=value, train_loss=train_loss,
+                        failed_tasks=failed, status="ok" if ok else "diverged"))
             if not ok:
                 return
         if step == outer_steps:
             return
         tasks = family.sample(meta_batch, gen)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         hg = vmap_hypergrad(problem, x, None, inner=inner, estimator=estimator,
                             inner_batch=(tasks.support_x, tasks.support_y),
                             outer_batch=(tasks.query_x, tasks.query_y), in_dims=(None, None, 0, 0), throw=False)
@@ -168,5 +169,6 @@ def train(problem: BilevelProblem, x0: Params, *, lr: float, steps: int, outer_s
             value.grad = hg.value[key].mean(0)
         opt.step()
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         train_loss = hg.outer_value.mean().item()
         failed = sum(r is not RESULTS.successful for r in hg.task_results)

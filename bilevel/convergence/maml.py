@@ -15,10 +15,12 @@ second-order MAML), plain SGD on the initialisation (the meta-update the theory 
    :math:`\alpha = \alpha_s`, and :math:`\alpha = \alpha_0 / N`; meta-objective (query MSE after N
    steps on fixed evaluation tasks) against outer iterations; a run that turns non-finite is
    marked diverged.
-2. *meta-batch*: N fixed, :math:`\alpha = \alpha_0 / N`, B in ``batch_grid``; the floor is the mean
+2. *meta-batch*: MAML on a linear model over fixed random Fourier features (each task's loss is
+   quadratic, so SGD at a constant step reaches its noise floor within a few hundred steps, which
+   the network does not on this budget), N fixed, B in ``batch_grid``. The floor is the mean
    meta-objective over the last quarter of the run; it "decreases with B" when the largest B's floor
    is more than two standard errors below the smallest B's and no step up in B raises it by more
-   than two standard errors.
+   than two standard errors. We also fit floor(B) = L + c / B.
 
 Reference: K. Ji, J. Yang, Y. Liang, "Theoretical convergence of multi-step model-agnostic
 meta-learning", JMLR 23 (2022) (arXiv:2002.07836).
@@ -34,11 +36,12 @@ from typing import Any, ClassVar
 from ..datasets import Sinusoid
 from ._common import (AbstractStudy, CsvLog, Finding, RowHook, StudyError, StudyReport, check_grid, check_positive,
                       markdown_table, new_figure, options_of, prepare_out_dir, progress_bar, save_figure)
-from ._curves import spearman
-from ._meta import init_maml, maml_problem, train
+from ._meta import init_maml, init_rf, maml_problem, rf_problem, train
 
-STEP_COLUMNS = ("schedule", "N", "alpha", "step", "time_s", "meta_loss", "train_loss", "failed_tasks", "status")
-BATCH_COLUMNS = ("meta_batch", "N", "alpha", "step", "time_s", "meta_loss", "train_loss", "failed_tasks", "status")
+STEP_COLUMNS = ("schedule", "N", "alpha", "step", "time_s", "cpu_s", "meta_loss", "train_loss", "failed_tasks",
+                "status")
+BATCH_COLUMNS = ("meta_batch", "N", "alpha", "step", "time_s", "cpu_s", "meta_loss", "train_loss", "failed_tasks",
+                 "status")
 SOURCE = "Ji, Yang, Liang, JMLR 2022"
 
 
@@ -51,8 +54,9 @@ class MamlStudy(AbstractStudy):
         alpha: the base inner step size alpha_0 (fixed schedule: alpha_0; 1/N schedule: alpha_0 / N).
         alpha_small: the smaller fixed step size alpha_s.
         outer_steps, meta_batch, outer_lr: meta-training length, tasks per step, SGD step.
-        batch_grid, batch_n, batch_steps: meta-batch sizes of part 2, its N and its number of outer steps
-            (longer than part 1, so that the runs reach their noise floor).
+        batch_grid, batch_n, batch_steps: meta-batch sizes of part 2, its N and its number of outer steps.
+        batch_alpha, batch_lr, batch_features: part 2's inner step, outer SGD step and number of
+            random Fourier features.
         eval_tasks, eval_every: evaluation set size and spacing.
         seed: initialisation, task batches, evaluation tasks.
     """
@@ -69,6 +73,9 @@ class MamlStudy(AbstractStudy):
     batch_grid: tuple[int, ...] = (1, 4, 16, 64)
     batch_n: int = 4
     batch_steps: int = 300
+    batch_alpha: float = 0.2
+    batch_lr: float = 0.6
+    batch_features: int = 40
     eval_tasks: int = 100
     eval_every: int = 5
     seed: int = 0
@@ -77,9 +84,10 @@ class MamlStudy(AbstractStudy):
         call = "bilevel convergence --study maml"
         object.__setattr__(self, "n_grid", check_grid(self.n_grid, "n_grid", call))
         object.__setattr__(self, "batch_grid", check_grid(self.batch_grid, "batch_grid", call))
-        for name in ("outer_steps", "meta_batch", "batch_n", "batch_steps", "eval_tasks", "eval_every"):
+        for name in ("outer_steps", "meta_batch", "batch_n", "batch_steps", "batch_features", "eval_tasks",
+                     "eval_every"):
             check_positive(getattr(self, name), name, call)
-        for name in ("alpha", "alpha_small", "outer_lr"):
+        for name in ("alpha", "alpha_small", "outer_lr", "batch_alpha", "batch_lr"):
             check_positive(getattr(self, name), name, call, integer=False)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise StudyError(f"{call}: seed={self.seed!r}; expected an integer.")
@@ -99,8 +107,8 @@ class MamlStudy(AbstractStudy):
         bar = progress_bar(3 * len(self.n_grid) + len(self.batch_grid), "maml", progress)
         steps: dict[tuple[str, int], list] = {}
         batches: dict[int, list] = {}
-        common = dict(outer_lr=self.outer_lr, optimizer="sgd", family=family, eval_tasks=eval_tasks,
-                      eval_every=self.eval_every, seed=self.seed)
+        common = dict(optimizer="sgd", family=family, eval_tasks=eval_tasks, eval_every=self.eval_every,
+                      seed=self.seed)
         try:
             with CsvLog(out / "maml_step_size.csv", STEP_COLUMNS, on_row) as log:
                 report.files.append(log.path)
@@ -108,17 +116,17 @@ class MamlStudy(AbstractStudy):
                     for schedule, alpha in self._schedules(n):
                         pts = steps.setdefault((schedule, n), [])
                         train(problem, x0, lr=alpha, steps=n, meta_batch=self.meta_batch,
-                              outer_steps=self.outer_steps, **common,
+                              outer_steps=self.outer_steps, outer_lr=self.outer_lr, **common,
                               record=lambda p, s=schedule, n=n, a=alpha, pts=pts: pts.append(
                                   log.write(schedule=s, N=n, alpha=a, **p)))
                         bar.update(1)
             with CsvLog(out / "maml_meta_batch.csv", BATCH_COLUMNS, on_row) as log:
                 report.files.append(log.path)
-                alpha = self.alpha / self.batch_n
+                alpha, rf = self.batch_alpha, rf_problem(self.batch_features, self.seed)
                 for b in self.batch_grid:
                     pts = batches.setdefault(b, [])
-                    train(problem, x0, lr=alpha, steps=self.batch_n, meta_batch=b, outer_steps=self.batch_steps,
-                          **common,
+                    train(rf, init_rf(self.batch_features), lr=alpha, steps=self.batch_n, meta_batch=b,
+                          outer_steps=self.batch_steps, outer_lr=self.batch_lr, **common,
                           record=lambda p, b=b, pts=pts: pts.append(
                               log.write(meta_batch=b, N=self.batch_n, alpha=alpha, **p)))
                     bar.update(1)
@@ -142,6 +150,9 @@ class MamlStudy(AbstractStudy):
                         label=f"N={n}")
                 first, last = pts[0]["meta_loss"], pts[-1]["meta_loss"]
                 diverged = pts[-1]["status"] == "diverged" or not math.isfinite(last)
+                finite = [p for p in pts if math.isfinite(p["meta_loss"])]
+                if diverged and finite:  # mark where the run left the plot
+                    ax.plot(finite[-1]["step"], finite[-1]["meta_loss"], marker="x", ms=9, mew=2, color=f"C{i}")
                 failed = max(p["failed_tasks"] for p in pts)
                 outcome[(schedule, n)] = "diverged" if diverged else ("no progress" if last >= first else "converges")
                 rows.append((n, schedule, f"{pts[0]['meta_loss']:.3f}", f"{last:.3f}", failed, outcome[(schedule, n)]))
@@ -149,7 +160,7 @@ class MamlStudy(AbstractStudy):
                   f"alpha = {self.alpha:g} / N")
         for ax, title in zip(axes[:3], titles):
             ax.set(yscale="log", xlabel="outer iteration", ylabel="meta-objective (query MSE after N steps)",
-                   title=title)
+                   title=title + "  (x: diverged)")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         floors = {}
@@ -158,7 +169,7 @@ class MamlStudy(AbstractStudy):
             axes[3].plot([p["step"] for p in pts], [p["meta_loss"] for p in pts], color=f"C{i}", label=f"B={b}")
             floors[b] = _mean_se([p["meta_loss"] for p in pts[-max(1, len(pts) // 4):]])
         axes[3].set(yscale="log", xlabel="outer iteration", ylabel="meta-objective",
-                    title=f"meta-batch size B (N={self.batch_n}, alpha={self.alpha:g}/{self.batch_n})")
+                    title=f"meta-batch B (random features, N={self.batch_n}, alpha={self.batch_alpha:g})")
         axes[3].grid(True, alpha=0.3)
         axes[3].legend(fontsize=7)
         save_figure(fig, report.out / "maml.png", report.files)
@@ -176,10 +187,10 @@ class MamlStudy(AbstractStudy):
         small = ", ".join(f"N={n}: {outcome[('fixed-small', n)]}" for n in ns)
         bs = list(floors)
         means = [floors[b][0] for b in bs]
-        rho = spearman(bs, means) if len(bs) >= 3 else float("nan")
         tol = [2 * math.hypot(floors[a][1], floors[b][1]) for a, b in zip(bs, bs[1:])]
         no_rise = all(later <= earlier + t for earlier, later, t in zip(means, means[1:], tol))
         drop = means[-1] < means[0] - 2 * math.hypot(floors[bs[0]][1], floors[bs[-1]][1])
+        level, slope = _fit_inverse(bs, means)
         return [
             Finding("With a fixed inner step size, N-step MAML can fail to converge as N grows; an inner step size "
                     "proportional to 1/N keeps the meta-gradient well behaved for every N.", SOURCE,
@@ -190,7 +201,7 @@ class MamlStudy(AbstractStudy):
             Finding("The error floor decreases as the meta-batch size B grows (variance terms in 1/B).", SOURCE,
                     "Floor (mean of the last quarter, +- standard error) by B: "
                     + ", ".join(f"B={b}: {floors[b][0]:.3f} +- {floors[b][1]:.3f}" for b in bs)
-                    + f"; rank correlation with B {rho:.2f}.",
+                    + f"; least-squares fit floor = {level:.3f} + {slope:.3f} / B.",
                     (drop and no_rise) if len(bs) >= 3 else None),
         ]
 
@@ -201,8 +212,9 @@ class MamlStudy(AbstractStudy):
             "Model: 1-40-40-1 ReLU network (MAML's sinusoid network); every weight adapted; ITD meta-gradient "
             f"(second-order MAML); SGD(lr={self.outer_lr}) on the initialisation; meta-batch {self.meta_batch}.",
             f"Part 1: alpha = {self.alpha:g} and alpha = {self.alpha_small:g} for every N, vs alpha = "
-            f"{self.alpha:g}/N. Part 2 ({self.batch_steps} outer steps): N = {self.batch_n}, "
-            f"alpha = {self.alpha:g}/{self.batch_n}, meta-batch B in {list(self.batch_grid)}.",
+            f"{self.alpha:g}/N. Part 2: MAML on a linear model over {self.batch_features} fixed random Fourier "
+            f"features, N = {self.batch_n}, alpha = {self.batch_alpha:g}, SGD(lr={self.batch_lr}) for "
+            f"{self.batch_steps} steps, meta-batch B in {list(self.batch_grid)}.",
             "Same seed (so the same initialisation and task stream) for every run; wall time excludes evaluation.",
             "Options: " + ", ".join(options_of(self)),
         ]
@@ -218,3 +230,14 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
     return mean, math.sqrt(var / len(finite))
+
+
+def _fit_inverse(bs: list[int], floors: list[float]) -> tuple[float, float]:
+    """Least-squares ``floor = level + slope / B``."""
+    xs = [1.0 / b for b in bs]
+    if len(xs) < 2 or not all(math.isfinite(f) for f in floors):
+        return math.nan, math.nan
+    mx, my = sum(xs) / len(xs), sum(floors) / len(floors)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, floors)) / sxx if sxx > 0 else math.nan
+    return my - slope * mx, slope

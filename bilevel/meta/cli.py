@@ -24,7 +24,7 @@ from .shared_embedding import RidgeHead, SharedEmbedding
 from .train import Trainer, describe
 
 METHODS = ("maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "esj", "shared-ridge")
-TASKS = ("sinusoid", "sinusoid-freq")
+TASKS = ("sinusoid", "sinusoid-freq", "omniglot")
 #: Inner steps per method when --inner-steps is not given (Reptile and iMAML need several).
 DEFAULT_STEPS = {"reptile": 5, "imaml": 20}
 EVAL_SEED = 20_170_703
@@ -85,9 +85,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "resume, then evaluate on held-out tasks (MSE after 1/5/10 steps, mean ± 95%% CI) and draw "
                     "the classic figure. Writes OUT/checkpoint.pt, metrics.csv, figure.png, results.md, results.json.")
     p.add_argument("--task", choices=TASKS, default="sinusoid",
-                   help="sinusoid: MAML's family; sinusoid-freq: Meta-SGD's (frequency in [0.8, 1.2])")
+                   help="sinusoid: MAML's family; sinusoid-freq: Meta-SGD's (frequency in [0.8, 1.2]); omniglot: "
+                        "N-way K-shot characters with a 4-block conv net (pass e.g. --ways 5 --shots 1 --inner-lr 0.4)")
     p.add_argument("--method", choices=METHODS, default="maml")
     p.add_argument("--shots", type=int, default=10, help="support (and query) points per training task (10)")
+    p.add_argument("--ways", type=int, default=5, help="omniglot: classes per episode (5)")
+    p.add_argument("--queries", type=int, default=15, help="omniglot: query images per class (15)")
+    p.add_argument("--data", default=None, help="omniglot: data folder (default $BILEVEL_DATA/omniglot)")
     p.add_argument("--iterations", type=int, default=None,
                    help="meta-steps (default 70000, or unlimited when only --minutes is given)")
     p.add_argument("--minutes", type=float, default=None,
@@ -126,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_tasks < 600:
         print(f"meta-train: note: --eval-tasks {args.eval_tasks} is below the 600 tasks of the published protocol.",
               file=sys.stderr)
+    if args.task == "omniglot":
+        from .omniglot_cli import run_omniglot
+        return run_omniglot(args)
     torch.set_num_threads(args.threads)
     family = Sinusoid(shots=args.shots) if args.task == "sinusoid" else Sinusoid.meta_sgd(shots=args.shots)
     learner = make_learner(args.method, inner_lr=args.inner_lr, inner_steps=args.inner_steps, lam=args.lam,
