@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .._tree import Params, tree_norm, tree_sub
 
@@ -172,15 +170,21 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def new_figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8) -> tuple[Figure, list]:
-    """A figure with an Agg canvas (no pyplot, no global backend change) and a flat list of axes."""
+def new_figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8) -> tuple[Any, list]:
+    """A figure with an Agg canvas (no pyplot, no global backend change) and a flat list of axes.
+
+    matplotlib is imported here, not at module level, so that the benchmarks (one process per
+    measurement) do not pay for it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, [ax for row in axes for ax in row]
 
 
-def save_figure(fig: Figure, path: Path, files: list[Path]) -> Path:
+def save_figure(fig: Any, path: Path, files: list[Path]) -> Path:
     fig.savefig(path, dpi=110)
     files.append(path)
     return path

@@ -53,6 +53,13 @@ class AnilStudy(AbstractStudy):
         features, head_hidden: body output width m and the two-layer head's width r.
         eval_tasks, eval_every: evaluation set size and spacing (in outer steps).
         seed: initialisation, task batches and evaluation tasks.
+
+    Example:
+        >>> from bilevel.convergence import AnilStudy
+        >>> study = AnilStudy(n_grid=(1, 4, 16), outer_steps=50)   # checked here, before any work
+        >>> report = study.run("runs/anil-small", progress=False)  # doctest: +SKIP
+        >>> [f.verdict for f in report.findings]                   # doctest: +SKIP
+        ['agrees', 'agrees', 'agrees', 'disagrees']
     """
 
     name: ClassVar[str] = "anil"

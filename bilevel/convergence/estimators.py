@@ -52,6 +52,11 @@ class EstimatorStudy(AbstractStudy):
         imaml_lam, esj_directions, esj_smoothing: the iMAML proximal strength and ESJ's Q and mu.
         outer_steps, warm_n, warm_k, target: the wall-time part (steps, fixed N and K, target fraction).
         seed: data, ESJ directions.
+
+    Example:
+        >>> from bilevel.convergence import EstimatorStudy
+        >>> study = EstimatorStudy(n_grid=(8, 64, 512), logreg="synthetic")
+        >>> report = study.run("runs/estimators", progress=False)  # doctest: +SKIP
     """
 
     name: ClassVar[str] = "estimators"

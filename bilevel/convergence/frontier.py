@@ -43,6 +43,12 @@ class FrontierStudy(AbstractStudy):
         n_grid, k_grid: inner and linear-solver step counts searched (ascending).
         imaml_lams: iMAML proximal strengths tried; esj_grid: ESJ direction counts tried.
         seed: data and ESJ directions.
+
+    Example:
+        >>> from bilevel.convergence import FrontierStudy
+        >>> FrontierStudy(dim=500, targets=(1e-4,)).targets
+        (0.0001,)
+        >>> report = FrontierStudy().run("runs/frontier", progress=False)  # doctest: +SKIP
     """
 
     name: ClassVar[str] = "frontier"

@@ -59,6 +59,15 @@ class MamlStudy(AbstractStudy):
             random Fourier features.
         eval_tasks, eval_every: evaluation set size and spacing.
         seed: initialisation, task batches, evaluation tasks.
+
+    Example:
+        >>> from bilevel.convergence import MamlStudy
+        >>> MamlStudy(alpha=0.05).alpha_small    # the other options keep their defaults
+        0.03
+        >>> MamlStudy(n_grid=(0,))
+        Traceback (most recent call last):
+        ...
+        bilevel.convergence._common.StudyError: bilevel convergence --study maml: n_grid contains 0; every entry must be a positive integer (a number of steps). Fix: drop it, e.g. n_grid=(1, 2, 4).
     """
 
     name: ClassVar[str] = "maml"

@@ -37,12 +37,18 @@ def sinusoid_net(hidden: int = 40, head: bool = True) -> nn.Sequential:
 
 
 def make_learner(method: str, *, inner_lr: float = 0.01, inner_steps: int | None = None, lam: float | None = None,
-                 directions: int = 16, smoothing: float = 1e-2, seed: int = 0) -> AbstractMetaLearner:
-    """The learner ``bilevel meta-train --method METHOD`` trains (model seeded by ``seed``)."""
+                 directions: int = 16, smoothing: float = 1e-2, seed: int = 0, init: str = "torch") -> AbstractMetaLearner:
+    """The learner ``bilevel meta-train --method METHOD`` trains (model seeded by ``seed``; ``init="small"``
+    draws the weights from a normal with standard deviation 0.01 truncated at two, and zeroes the biases)."""
     steps = DEFAULT_STEPS.get(method, 1) if inner_steps is None else inner_steps
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = sinusoid_net(head=method != "shared-ridge")
+        if init == "small":
+            for layer in net:
+                if isinstance(layer, nn.Linear):
+                    nn.init.trunc_normal_(layer.weight, std=0.01, a=-0.02, b=0.02)
+                    nn.init.zeros_(layer.bias)
     gd = inner.GradientDescent(lr=inner_lr, steps=steps)
     if method == "maml":
         return MAML(net, inner=gd)
@@ -105,6 +111,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--directions", type=int, default=16, help="ESJ directions")
     p.add_argument("--smoothing", type=float, default=1e-2, help="ESJ smoothing mu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", choices=("torch", "small"), default="torch",
+                   help="network initialisation: PyTorch's default, or small (weights ~ N(0, 0.01^2) truncated, "
+                        "zero biases)")
     p.add_argument("--eval-shots", type=int, default=5, help="support points of the evaluation tasks (5)")
     p.add_argument("--eval-tasks", type=int, default=1000, help="held-out evaluation tasks (>= 600)")
     p.add_argument("--val-every", type=int, default=1000)
@@ -136,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     family = Sinusoid(shots=args.shots) if args.task == "sinusoid" else Sinusoid.meta_sgd(shots=args.shots)
     learner = make_learner(args.method, inner_lr=args.inner_lr, inner_steps=args.inner_steps, lam=args.lam,
-                           directions=args.directions, smoothing=args.smoothing, seed=args.seed)
+                           directions=args.directions, smoothing=args.smoothing, seed=args.seed, init=args.init)
     iterations = args.iterations if args.iterations is not None else (10**9 if args.minutes else 70_000)
     trainer = Trainer(iterations=iterations, minutes=args.minutes, meta_batch=args.meta_batch,
                       outer_lr=args.outer_lr, seed=args.seed, val_every=args.val_every,
