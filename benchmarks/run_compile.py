@@ -1,7 +1,8 @@
-"""Compiled execution (``bl.Compiled``) against eager: run and compile times, one markdown table.
+"""Compiled execution (``bl.Compiled``) against eager: run and compile times, as markdown tables.
 
     python -m benchmarks.run_compile [--dims 200 2000] [--configs AID+CG/chunk:10 ...] [--maml]
-                                     [--repeat 7] [--clock thread|wall] [--warm-disk-cache] [--out docs/compile.md]
+                                     [--repeat 7] [--clock thread|wall] [--warm-disk-cache]
+                                     [--json ROWS] [--render ROWS] [--out docs/compile.md]
 
 Every configuration runs in a fresh worker process (``--worker``), so that its compile time is
 what a user pays in a new process: the inductor and AOT-autograd on-disk caches are switched off
@@ -12,14 +13,16 @@ hand-written eager torch.func reference of :mod:`benchmarks._reference` are time
 interleaved, in that process. Float32, one thread, ridge problem with n = 1000, 100 gradient steps,
 then 10 CG iterations (AID+CG) or 10 Neumann terms, 10 taped steps for ITD(truncate=10).
 
-A configuration is ``ESTIMATOR/GRANULARITY[:CHUNK][/HVP][/dynamic]``, e.g. ``AID+CG/chunk:10/reverse``;
-``ESTIMATOR`` is one of :data:`benchmarks._reference.ESTIMATORS`. ``--maml`` adds the MAML
-sinusoid meta-step (meta-batch 25, N = 1 and 5, vmapped over tasks; :mod:`benchmarks.bench_meta`)
-with ``bl.Compiled(bl.ITD(), granularity=...)`` against the library's eager meta-gradient and the
-hand-written vmapped torch.func reference.
+A configuration is ``ESTIMATOR/GRANULARITY[:CHUNK][/HVP][/dynamic]``, e.g. ``AID+CG/chunk:10/forward``;
+``ESTIMATOR`` is one of :data:`benchmarks._reference.ESTIMATORS`. ``HVP/forward`` and ``HVP/reverse``
+time one Hessian-vector product of the ridge inner objective (eager and as the compiled unit).
+``--maml`` adds the MAML sinusoid meta-step (meta-batch 25, N = 1 and 5, vmapped over tasks;
+:mod:`benchmarks.bench_meta`) with ``bl.Compiled(bl.ITD(), granularity=...)`` against the
+library's eager meta-gradient and the hand-written vmapped torch.func reference.
 
-With ``--out FILE``: the table replaces what lies between ``<!-- run_compile:begin -->`` and
-``<!-- run_compile:end -->`` in FILE (the prose around it stays).
+``--json ROWS`` appends every measured row to ROWS (JSON lines); ``--render ROWS`` makes the tables
+from such a file without measuring. With ``--out FILE`` the tables replace what lies between
+``<!-- run_compile:begin -->`` and ``<!-- run_compile:end -->`` in FILE (the prose around it stays).
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ import sys
 import time
 
 BEGIN, END = "<!-- run_compile:begin -->", "<!-- run_compile:end -->"
-DEFAULT_CONFIGS = ("AID+CG/step", "AID+CG/chunk:10", "AID+CG/chunk:25", "AID+CG/solve",
-                   "AID+CG/chunk:10/reverse", "ITD/chunk:10", "ITD(truncate=10)/chunk:10", "FirstOrder/chunk:10",
-                   "AID+Neumann/chunk:10")
+DEFAULT_CONFIGS = ("AID+CG/chunk:10", "AID+CG/step", "AID+CG/chunk:5", "AID+CG/chunk:20", "AID+CG/solve",
+                   "AID+CG/chunk:10/forward", "FirstOrder/chunk:10", "AID+Neumann/chunk:10",
+                   "ITD(truncate=10)/chunk:10", "ITD/chunk:10", "HVP/forward", "HVP/reverse")
 MAML_CONFIGS = ("MAML:1/estimator", "MAML:5/estimator", "MAML:1/chunk:10", "MAML:5/chunk:10")
 
 
@@ -170,22 +173,42 @@ def hvp_worker(dim: int, mode: str, repeat: int, clock) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    """Markdown tables: the ridge hypergradient, the MAML meta-gradient, one HVP (whichever rows exist)."""
     head = ("| problem | configuration | reference (ms) | library eager (ms) | compiled (ms) | reference / compiled "
-            "| compile_s (first call) | compile CPU s | compile_s (second call) | rel. diff. vs eager | status |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        problem = f"ridge d={r['dim']}" if r["dim"] else "MAML sinusoid"
-        lines.append(f"| {problem} | `{r['config']}` | {r['reference_ms']:.1f} | {r['eager_ms']:.1f} | "
-                     f"{r['compiled_ms']:.2f} | **{r['reference_ms'] / r['compiled_ms']:.1f}x** | "
-                     f"{r['compile_s']:.1f} | {r['compile_cpu_s']:.1f} | {r['second_compile_s']:.2f} | "
-                     f"{r['rel_diff']:.1e} | `{r['status']}` |")
-    return "\n".join(lines)
+            "| eager / compiled | compile_s (first call) | compile CPU s | compile_s (second call) | rel. diff. vs eager "
+            "| status |")
+    hvp_head = ("| d | HVP mode | eager forward-over-reverse (ms) | eager, this mode (ms) | compiled, this mode (ms) "
+                "| compile_s | compile CPU s | rel. diff. vs eager |")
+    parts = []
+    for kind in ("ridge", "maml", "hvp"):
+        chosen = [r for r in rows if _kind(r) == kind]
+        if not chosen:
+            continue
+        lines = [hvp_head if kind == "hvp" else head]
+        lines.append("|" + "---|" * (lines[0].count("|") - 1))
+        for r in chosen:
+            if kind == "hvp":
+                lines.append(f"| {r['dim']} | `{r['config'].split('/')[1]}` | {r['reference_ms']:.3f} | "
+                             f"{r['eager_ms']:.3f} | {r['compiled_ms']:.3f} | {r['compile_s']:.1f} | "
+                             f"{r['compile_cpu_s']:.1f} | {r['rel_diff']:.1e} |")
+                continue
+            problem = f"ridge d={r['dim']}" if kind == "ridge" else "MAML sinusoid"
+            lines.append(f"| {problem} | `{r['config']}` | {r['reference_ms']:.1f} | {r['eager_ms']:.1f} | "
+                         f"{r['compiled_ms']:.2f} | **{r['reference_ms'] / r['compiled_ms']:.1f}x** | "
+                         f"{r['eager_ms'] / r['compiled_ms']:.1f}x | {r['compile_s']:.1f} | {r['compile_cpu_s']:.1f} | "
+                         f"{r['second_compile_s']:.2f} | {r['rel_diff']:.1e} | `{r['status']}` |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _kind(row: dict) -> str:
+    return "hvp" if row["config"].startswith("HVP/") else "maml" if row["config"].startswith("MAML") else "ridge"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_compile", description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", type=int, nargs="+", default=[200, 2000])
-    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
+    parser.add_argument("--dims", type=int, nargs="*", default=[200, 2000])
+    parser.add_argument("--configs", nargs="*", default=list(DEFAULT_CONFIGS))
     parser.add_argument("--maml", action="store_true", help="add the MAML sinusoid meta-step")
     parser.add_argument("--repeat", type=int, default=7, help="best of this many interleaved runs (default 7)")
     parser.add_argument("--clock", choices=["thread", "wall"], default="thread",
