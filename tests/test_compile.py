@@ -28,6 +28,7 @@ ESTIMATORS = {
     "FirstOrder": bl.FirstOrder(),
     "AID-CG": bl.AID(linear_solver=bl.CG(max_steps=3)),
     "AID-Neumann": bl.AID(linear_solver=bl.Neumann(steps=3, alpha=0.1)),
+    "AID-Dense": bl.AID(linear_solver=bl.Dense()),  # its operator is applied under vmap
     "IMAML": bl.IMAML(lam=1.0, linear_solver=bl.CG(max_steps=3)),
     "ESJ": bl.ESJ(directions=2, smoothing=1e-3, seed=0),
     "Reptile": bl.Reptile(),
@@ -113,11 +114,32 @@ def test_inductor_float32_matches_eager_and_does_not_recompile():
     assert eager.stats["compile_s"] == 0.0
 
 
-def test_second_call_with_an_equal_problem_does_not_recompile(problems):
+def test_large_matrix_vector_products_go_to_blas_with_the_same_numbers():
+    from bilevel.compile._unit import BLAS_MV_ENTRIES, _mv
+    gen = torch.Generator().manual_seed(0)
+    for rows in (3, BLAS_MV_ENTRIES // 64):
+        a, x = torch.randn(rows, 64, generator=gen, dtype=torch.float64), torch.randn(64, generator=gen, dtype=torch.float64)
+        assert torch.allclose(_mv(a, x), a @ x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_inductor_with_a_blas_sized_matrix_matches_eager():
+    r = ridge_problem(n_samples=600, dim=2000, seed=1, dtype=torch.float32)  # 1.2 M entries: BLAS
+    inner = bl.GradientDescent(lr=0.05, steps=STEPS)
+    plain = bl.AID(linear_solver=bl.CG(max_steps=3))
+    kw = dict(inner=inner, inner_batch=r.train, outer_batch=r.val, throw=False)
+    eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=plain, **kw)
+    fast = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=bl.Compiled(plain, chunk=CHUNK), **kw)
+    assert rel(fast.value, eager.value) <= 1e-5 and rel(fast.params, eager.params) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["AID-CG", pytest.param("IMAML", marks=pytest.mark.slow)])
+def test_second_call_with_an_equal_problem_does_not_recompile(problems, name):
+    # q.problem is a new BilevelProblem (with a new init lambda) at every access, and IMAML rebuilds
+    # its proximal objective at every call: equal problems must still share the compiled units.
     q = problems[torch.float64]
-    estimator = bl.Compiled(ESTIMATORS["AID-CG"], chunk=CHUNK, backend="eager")
-    call(q, "AID-CG", estimator)
-    again = call(q, "AID-CG", bl.Compiled(ESTIMATORS["AID-CG"], chunk=CHUNK, backend="eager"))  # q.problem is new
+    call(q, name, bl.Compiled(ESTIMATORS[name], chunk=CHUNK, backend="eager"))
+    again = call(q, name, bl.Compiled(ESTIMATORS[name], chunk=CHUNK, backend="eager"))
     assert again.stats["compile_s"] == 0.0
 
 

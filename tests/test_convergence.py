@@ -18,7 +18,7 @@ from bilevel.convergence._curves import reach, reference_level, spearman
 from bilevel.convergence._hyper import logistic_case, ridge_case
 from bilevel.convergence._meta import anil_problem, init_anil, meta_loss
 from bilevel.datasets import Sinusoid
-from bilevel.convergence.frontier import _Search
+from bilevel.convergence._search import Search
 
 TINY_ANIL = dict(n_grid=(1,), outer_steps=2, meta_batch=2, eval_tasks=3, eval_every=1, features=4, head_hidden=3)
 
@@ -220,7 +220,7 @@ def test_spearman():
 
 def test_staircase_finds_the_cheapest_setting(monkeypatch):
     study = FrontierStudy(n_grid=(1, 2, 4, 8, 16), k_grid=(1, 2, 4, 8, 16))
-    search = _Search.__new__(_Search)
+    search = Search.__new__(Search)
     search.study, search.cache, search.rows = study, {}, []
     calls = []
 

@@ -28,8 +28,6 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-import torch
-
 from ..datasets import Sinusoid
 from ._common import (AbstractStudy, CsvLog, Finding, RowHook, StudyError, StudyReport, check_grid, check_positive,
                       markdown_table, new_figure, options_of, prepare_out_dir, progress_bar, save_figure)

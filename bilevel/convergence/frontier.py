@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from .. import AID, Dense, GradientDescent, hypergrad
 from ._common import (AbstractStudy, CsvLog, Finding, RowHook, StudyError, StudyReport, check_grid, check_positive,
-                      markdown_table, new_figure, options_of, prepare_out_dir, progress_bar, rel_error, save_figure)
+                      markdown_table, new_figure, options_of, prepare_out_dir, progress_bar, save_figure)
 from ._hgrun import STYLE, Setting, describe, measure
 from ._hyper import HyperCase, ridge_case
+from ._search import Search, cost as _cost, dense_call
 
 COLUMNS = ("estimator", "N", "K", "lam", "Q", "rel_error", "bias_floor", "seconds", "num_grad", "num_hvp", "status")
 ORDER = ("ITD", "AID-CG", "AID-Neumann", "AID-Dense", "IMAML-CG", "ESJ")  # AID-Dense after AID-CG: it reuses its N
@@ -52,7 +51,7 @@ class FrontierStudy(AbstractStudy):
     """
 
     name: ClassVar[str] = "frontier"
-    title: ClassVar[str] = "Estimator accuracy-cost frontier (ridge, d = 2000)"
+    title: ClassVar[str] = "Estimator accuracy-cost frontier on ridge regression"
 
     dim: int = 2000
     n_samples: int = 1000
@@ -96,7 +95,7 @@ class FrontierStudy(AbstractStudy):
         try:
             with CsvLog(out / "frontier_evaluations.csv", COLUMNS, on_row) as log:
                 report.files.append(log.path)
-                search = _Search(case, x, exact, lr, self, log)
+                search = Search(case, x, exact, lr, self, log)
                 search.warm_up()
                 for name in ORDER:
                     for target in self.targets:
@@ -122,7 +121,7 @@ class FrontierStudy(AbstractStudy):
                     table.append((name, f"{target:g}", f"not reached (best error {low:.2g})", "", "", "", ""))
                     continue
                 secs = _best_of(case, x, exact, r, lr, self)
-                table.append((name, f"{target:g}", describe(name, r["N"], r["K"], _setting(self, r)),
+                table.append((name, f"{target:g}", describe(name, r["N"], r["K"], _setting(r)),
                               r["num_grad"], r["num_hvp"], f"{secs:.3f}", f"{r['rel_error']:.1e}"))
         report.tables["Cheapest setting per estimator (fewest gradients + HVPs) reaching each target"] = \
             markdown_table(("estimator", "target", "setting", "grads", "HVPs", "seconds (best of 3)", "rel. error"),
@@ -173,100 +172,16 @@ def _calls(r: dict[str, Any] | None) -> str:
     return "-" if r is None else str(r["num_grad"] + r["num_hvp"])
 
 
-def _setting(study: FrontierStudy, r: dict[str, Any]) -> Setting:
+def _setting(r: dict[str, Any]) -> Setting:
     return Setting(imaml_lam=r["lam"] or 1e-3, esj_directions=r["Q"] or 1)
 
 
 def _best_of(case: HyperCase, x, exact, r: dict[str, Any], lr: float, study: FrontierStudy,
              repeat: int = 3) -> float:
     if r["estimator"] == "AID-Dense":
-        return min(_dense(case, x, r["N"], lr)[1] for _ in range(repeat))
-    s = replace(_setting(study, r), seed=study.seed)
+        return min(dense_call(case, x, r["N"], lr)[1] for _ in range(repeat))
+    s = replace(_setting(r), seed=study.seed)
     return min(measure(case, x, exact, r["estimator"], r["N"], r["K"], lr, s)["seconds"] for _ in range(repeat))
-
-
-def _dense(case: HyperCase, x, n: int, lr: float):
-    t0 = time.perf_counter()
-    hg = hypergrad(case.problem, x, case.params0(), inner=GradientDescent(lr=lr, steps=n),
-                   estimator=AID(linear_solver=Dense(), hvp="reverse"), inner_batch=case.train,
-                   outer_batch=case.val, throw=False)
-    return hg, time.perf_counter() - t0
-
-
-class _Search:
-    """Evaluations with a cache, the staircase walk, and one CSV row per evaluation."""
-
-    def __init__(self, case: HyperCase, x, exact, lr: float, study: FrontierStudy, log: CsvLog) -> None:
-        self.case, self.x, self.exact, self.lr, self.study, self.log = case, x, exact, lr, study, log
-        self.cache: dict[tuple, dict[str, Any]] = {}
-        self.rows: list[dict[str, Any]] = []
-        self._prox: dict[float, Any] = {}
-
-    def prox_exact(self, lam: float):
-        """The exact hypergradient of the damped problem iMAML converges to (one dense solve per lam)."""
-        if lam not in self._prox:
-            self._prox[lam] = self.case.hypergrad(self.x, damping=lam)
-        return self._prox[lam]
-
-    def warm_up(self) -> None:
-        s = Setting(seed=self.study.seed)
-        for name in ("ITD", "AID-CG", "AID-Neumann", "IMAML-CG", "ESJ"):
-            measure(self.case, self.x, self.exact, name, 2, 2, self.lr, replace(s, esj_directions=2))
-
-    def eval(self, name: str, n: int, k: int, lam: float = 0.0, q: int = 0) -> dict[str, Any]:
-        key = (name, n, k, lam, q)
-        if key not in self.cache:
-            if name == "AID-Dense":
-                hg, secs = _dense(self.case, self.x, n, self.lr)
-                row = dict(estimator=name, N=n, K=0, rel_error=rel_error(hg.value, self.exact), bias_floor=0.0,
-                           seconds=secs, num_grad=int(hg.stats["num_grad"]), num_hvp=int(hg.stats["num_hvp"]),
-                           status=hg.result.name)
-            else:
-                s = Setting(imaml_lam=lam or 1e-3, esj_directions=q or 1, seed=self.study.seed)
-                prox = self.prox_exact(lam) if name == "IMAML-CG" else None
-                row = measure(self.case, self.x, self.exact, name, n, k, self.lr, s, prox_exact=prox)
-            row.update(lam=lam, Q=q)
-            self.cache[key] = self.log.write(**row)
-            self.rows.append(row)
-        return self.cache[key]
-
-    def cheapest(self, name: str, target: float) -> dict[str, Any] | None:
-        st = self.study
-        if name == "ITD":
-            return next((r for n in st.n_grid if (r := self.eval(name, n, 0))["rel_error"] <= target), None)
-        if name == "AID-Dense":  # the exact linear solve: only the inner steps matter, so take AID-CG's N
-            cg = self.cheapest("AID-CG", target)
-            r = self.eval(name, cg["N"], 0) if cg is not None else None
-            return r if r is not None and r["rel_error"] <= target else None
-        if name == "ESJ":
-            n = st.n_grid[len(st.n_grid) // 2]
-            hits = [r for q in st.esj_grid if (r := self.eval(name, n, 0, q=q))["rel_error"] <= target]
-            return min(hits, key=_cost, default=None)
-        lams = st.imaml_lams if name == "IMAML-CG" else (0.0,)
-        if name == "IMAML-CG":  # a proximal strength whose bias floor exceeds the target cannot reach it
-            lams = tuple(lam for lam in lams if rel_error(self.prox_exact(lam), self.exact) <= 0.5 * target)
-        hits = [h for lam in lams if (h := self._staircase(name, target, lam)) is not None]
-        return min(hits, key=_cost, default=None)
-
-    def _staircase(self, name: str, target: float, lam: float) -> dict[str, Any] | None:
-        ks, best, j = self.study.k_grid, None, len(self.study.k_grid) - 1
-        for n in self.study.n_grid:
-            if best is not None and n + 1 + ks[0] + 1 >= _cost(best):
-                break
-            if self.eval(name, n, ks[j], lam)["rel_error"] > target:
-                if best is not None and j == len(ks) - 1:
-                    break
-                continue
-            while j > 0 and self.eval(name, n, ks[j - 1], lam)["rel_error"] <= target:
-                j -= 1
-            r = self.eval(name, n, ks[j], lam)
-            if best is None or _cost(r) < _cost(best):
-                best = r
-        return best
-
-
-def _cost(r: dict[str, Any]) -> int:
-    return r["num_grad"] + r["num_hvp"]
 
 
 def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

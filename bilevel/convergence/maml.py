@@ -64,10 +64,10 @@ class MamlStudy(AbstractStudy):
         >>> from bilevel.convergence import MamlStudy
         >>> MamlStudy(alpha=0.05).alpha_small    # the other options keep their defaults
         0.03
-        >>> MamlStudy(n_grid=(0,))
+        >>> MamlStudy(n_grid=(0,))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        bilevel.convergence._common.StudyError: bilevel convergence --study maml: n_grid contains 0; every entry must be a positive integer (a number of steps). Fix: drop it, e.g. n_grid=(1, 2, 4).
+        bilevel.convergence._common.StudyError: ...: n_grid contains 0; every entry must be a positive integer ...
     """
 
     name: ClassVar[str] = "maml"
