@@ -236,3 +236,12 @@ def test_staircase_finds_the_cheapest_setting(monkeypatch):
         assert found["N"] + found["K"] == sum(brute)  # the cheapest cost (ties may pick another pair)
         assert 0.6 ** found["N"] + 0.3 ** found["K"] <= target
     assert len(set(calls)) <= 3 * (len(study.n_grid) + len(study.k_grid))  # a walk, not the whole grid
+
+
+def test_benchmark_suite_matches_the_study_estimators():
+    bench = pytest.importorskip("benchmarks.bench_convergence")
+    from bilevel.convergence._hgrun import ESTIMATORS
+    assert bench.ESTIMATORS == ESTIMATORS
+    call, exact = bench._call("AID-CG", 10, 100)
+    hg = call()
+    assert hg.stats["num_hvp"] == 11 and hg.value["log_lam"].shape == exact.shape

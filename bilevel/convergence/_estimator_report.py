@@ -170,7 +170,7 @@ def findings(problems: list[str], by_n: Rows, by_k: Rows, walltime: Rows, refs: 
         r = [x for x in by_n if x["problem"] == p and x["estimator"] == "IMAML-CG"]
         last = max(r, key=lambda x: x["N"])
         ratio = last["rel_error"] / max(last["bias_floor"], 1e-300)
-        ok &= 0.8 <= ratio <= 1.25
+        ok = None if (ok is None or not _converged(by_n, p)) else ok and 0.8 <= ratio <= 1.25
         cells.append(f"{p}: error {last['rel_error']:.2e} at N={last['N']}, floor {last['bias_floor']:.2e}")
     found.append(Finding("iMAML differentiates the proximally regularised inner problem, so on a hyperparameter "
                          "problem it converges to that problem's hypergradient: an O(lam) bias that more "
@@ -183,13 +183,20 @@ def findings(problems: list[str], by_n: Rows, by_k: Rows, walltime: Rows, refs: 
         last = max(r, key=lambda x: x["N"])
         dim = int(p.split("d=")[1].split(",")[0]) if "d=" in p else 0
         pred = math.sqrt((dim + 1) / study.esj_directions)
-        ok &= 0.6 <= last["rel_error"] / pred <= 1.6
+        ok = None if (ok is None or not _converged(by_n, p)) else ok and 0.6 <= last["rel_error"] / pred <= 1.6
         cells.append(f"{p}: {last['rel_error']:.2f} (predicted {pred:.2f})")
     found.append(Finding("ESJ's zeroth-order Jacobian estimate has a variance that grows with the hyperparameter "
                          "dimension p (complexity O(p eps^-2 log(1/eps))); with Q Gaussian directions the "
                          "relative error of J^T grad_y f is about sqrt((p+1)/Q).", "Sow, Ji, Liang, arXiv:2110.07004",
                          f"Q={study.esj_directions}, error at the largest N: " + "; ".join(cells) + ".", ok))
     return found
+
+
+def _converged(by_n: Rows, problem: str) -> bool:
+    """Whether the largest N solved the inner problem well enough (AID-CG within 1e-2) for a
+    statement about an estimator's limit; with a short grid the findings that need it are inconclusive."""
+    r = [x for x in by_n if x["problem"] == problem and x["estimator"] == "AID-CG"]
+    return bool(r) and max(r, key=lambda x: x["N"])["rel_error"] <= 1e-2
 
 
 def _sec(t: float) -> str:
