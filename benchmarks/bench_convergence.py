@@ -16,7 +16,9 @@ thread; N gradient-descent steps of size ``1 / L`` from zero, and K = N linear-s
 
 torch and bilevel are imported inside the functions that need them, because asv starts one
 process per (benchmark, parameters) and an import at module level would be paid 100 times.
-``asv run --python=same --quick --bench bench_convergence`` runs every combination once.
+``asv run --python=same --quick --bench bench_convergence`` runs every combination once (12 minutes
+on the shared 2-core development machine at load average 8, 9 of them in the cost benchmarks'
+torch imports).
 """
 
 from __future__ import annotations

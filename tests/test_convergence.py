@@ -161,6 +161,15 @@ def test_estimators_quick_writes_every_part(tmp_path):
     assert len(report.findings) == 7 and all(f.source for f in report.findings)
 
 
+def test_frontier_quick_finds_settings(tmp_path):
+    study = FrontierStudy.quick(dim=8, n_samples=12, n_grid=(8, 32, 128), k_grid=(2, 8), esj_grid=(2,))
+    report = study.run(tmp_path, progress=False)
+    rows = _rows(tmp_path / "frontier_evaluations.csv")
+    assert {"ITD", "AID-CG", "AID-Neumann", "AID-Dense", "IMAML-CG", "ESJ"} <= {r["estimator"] for r in rows}
+    table = report.tables["Cheapest setting per estimator (fewest gradients + HVPs) reaching each target"]
+    assert "| AID-CG | 0.001 | N=" in table and (tmp_path / "frontier.png").is_file()
+
+
 # ----------------------------------------------------------------------------- exact answers
 
 

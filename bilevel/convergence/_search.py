@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from .. import AID, Dense, GradientDescent, hypergrad
@@ -76,12 +77,12 @@ class Search:
         if name == "ESJ":
             n = st.n_grid[len(st.n_grid) // 2]
             hits = [r for q in st.esj_grid if (r := self.eval(name, n, 0, q=q))["rel_error"] <= target]
-            return min(hits, key=_cost, default=None)
+            return min(hits, key=cost, default=None)
         lams = st.imaml_lams if name == "IMAML-CG" else (0.0,)
         if name == "IMAML-CG":  # a proximal strength whose bias floor exceeds the target cannot reach it
             lams = tuple(lam for lam in lams if rel_error(self.prox_exact(lam), self.exact) <= 0.5 * target)
         hits = [h for lam in lams if (h := self._staircase(name, target, lam)) is not None]
-        return min(hits, key=_cost, default=None)
+        return min(hits, key=cost, default=None)
 
     def _staircase(self, name: str, target: float, lam: float) -> dict[str, Any] | None:
         ks, best, j = self.study.k_grid, None, len(self.study.k_grid) - 1
