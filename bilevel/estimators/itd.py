@@ -103,11 +103,15 @@ class ITD(AbstractEstimator):
         if self.checkpoint_every is not None:
             return self._run_checkpointed(problem, hparams, params0, inner, inner_batch, outer_batch, k)
 
+        prefix = None
+        if k < n:  # the untaped steps run before, not inside, the grad transform: no transform overhead per step
+            x0 = tree_detach(hparams)
+            prefix = loop_run(inner, loop_start(inner, start_of(problem, x0, params0)),
+                              inner_grad_fn(problem, x0, inner_batch), 0, n - k)
+            prefix = _detach(prefix)
+
         def phi(x: Params):
-            loop = loop_start(inner, start_of(problem, x, params0))
-            if k < n:
-                loop = loop_run(inner, loop, inner_grad_fn(problem, tree_detach(x), inner_batch), 0, n - k)
-                loop = _detach(loop)
+            loop = loop_start(inner, start_of(problem, x, params0)) if prefix is None else prefix
             grad_fn = inner_grad_fn(problem, x, inner_batch)
             loop = loop_run(inner, loop, grad_fn, n - k, n)
             sol = loop_finish(inner, loop, grad_fn, check_growth=not is_stochastic(inner_batch))
