@@ -15,8 +15,6 @@ with the same closed-form hypergradient.
 
 from __future__ import annotations
 
-import gc
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,6 +25,8 @@ from torch.func import grad, jvp
 import bilevel as bl
 from bilevel.testing import ridge_problem
 from bilevel.testing.ridge import RidgeBilevel, ridge_inner, ridge_outer
+
+from ._timing import best_of  # noqa: F401 - re-exported: the benchmarks import it from here
 
 Params = dict[str, Tensor]
 
@@ -69,12 +69,15 @@ def make_case(dim: int, dtype: torch.dtype, solution: tuple[float, Tensor] | Non
 # --------------------------------------------------------------------------- the library side
 
 def library_estimator(name: str, lr: float) -> bl.AbstractEstimator:
+    """The estimator ``name``; AID with ``hvp="forward"``, the references' HVP mode, so that the
+    library and the reference do the same arithmetic (AID's default, ``"auto"``, is reverse-over-
+    reverse on CPU: docs/performance.md, "Hessian-vector products")."""
     return {
         "ITD": lambda: bl.ITD(),
         "ITD(truncate=10)": lambda: bl.ITD(truncate=TRUNCATE),
         "FirstOrder": lambda: bl.FirstOrder(),
-        "AID+CG": lambda: bl.AID(linear_solver=bl.CG(max_steps=LINEAR_STEPS)),
-        "AID+Neumann": lambda: bl.AID(linear_solver=bl.Neumann(steps=LINEAR_STEPS, alpha=lr)),
+        "AID+CG": lambda: bl.AID(linear_solver=bl.CG(max_steps=LINEAR_STEPS), hvp="forward"),
+        "AID+Neumann": lambda: bl.AID(linear_solver=bl.Neumann(steps=LINEAR_STEPS, alpha=lr), hvp="forward"),
     }[name]()
 
 
@@ -84,10 +87,14 @@ def library_call(name: str, case: Case) -> Callable[[], bl.Hypergrad]:
     ``throw=False``: CG at ``rtol=1e-10`` ends at ``linear_max_steps`` in float32 after
     10 iterations, and the benchmark measures the estimate, not the error path.
     """
-    problem = case.ridge.problem
+    return hypergrad_call(case, library_estimator(name, case.lr))
+
+
+def hypergrad_call(case: Case, estimator: bl.AbstractEstimator) -> Callable[[], bl.Hypergrad]:
+    """A zero-argument ``bl.hypergrad`` call of any ``estimator`` (e.g. a ``bl.Compiled`` one) on
+    ``case``: :data:`INNER_STEPS` gradient steps of size ``case.lr``, ``throw=False``."""
+    problem, train, val = case.ridge.problem, case.ridge.train, case.ridge.val
     inner = bl.GradientDescent(lr=case.lr, steps=INNER_STEPS)
-    estimator = library_estimator(name, case.lr)
-    train, val = case.ridge.train, case.ridge.val
 
     def call() -> bl.Hypergrad:
         return bl.hypergrad(problem, case.hparams, case.params0, inner=inner, estimator=estimator,
@@ -178,30 +185,6 @@ def reference_call(name: str, case: Case) -> Callable[[], Params]:
 
 
 # --------------------------------------------------------------------------- measuring
-
-def best_of(fns: dict[str, Callable[[], object]], repeat: int = 7,
-            clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Best-of-``repeat`` wall time (seconds) of each call, interleaved so that load on a
-    shared machine hits all of them alike; one warm-up call each; GC off while timing
-    (as :mod:`timeit` does). ``clock`` is wall time by default; ``time.thread_time`` is
-    steadier on a loaded machine."""
-    for fn in fns.values():
-        fn()
-    best = {key: float("inf") for key in fns}
-    keys = list(fns)
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for i in range(repeat):
-            for key in (keys if i % 2 == 0 else keys[::-1]):
-                start = clock()
-                fns[key]()
-                best[key] = min(best[key], clock() - start)
-    finally:
-        if was_enabled:
-            gc.enable()
-    return best
-
 
 def time_ratio(name: str, case: Case, repeat: int = 7) -> tuple[float, float, float]:
     """``(library seconds, reference seconds, ratio)``, best of ``repeat`` interleaved runs."""

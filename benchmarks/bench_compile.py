@@ -56,21 +56,15 @@ class CompiledRidgeTimes:
         torch.set_num_threads(1)
         import bilevel as bl
 
-        from ._reference import exact_solution, library_estimator, make_case, reference_call
+        from ._reference import exact_solution, hypergrad_call, library_estimator, make_case, reference_call
         from .run_compile import parse
         name, gran, chunk, hvp = parse(config)
         case = make_case(dim, torch.float32, exact_solution(dim))
-        inner = bl.GradientDescent(lr=case.lr, steps=100)
         plain = library_estimator(name, case.lr)
-
-        def call(estimator):
-            return lambda: bl.hypergrad(case.ridge.problem, case.hparams, case.params0, inner=inner,
-                                        estimator=estimator, inner_batch=case.ridge.train,
-                                        outer_batch=case.ridge.val, throw=False)
-
-        self.compiled = call(bl.Compiled(plain, granularity=gran, chunk=chunk, hvp=hvp))
+        self.compiled = hypergrad_call(case, bl.Compiled(plain, granularity=gran, chunk=chunk,
+                                                         **({"hvp": hvp} if hvp else {})))
         self.compiled()  # compiles (not timed)
-        self.eager = call(plain)
+        self.eager = hypergrad_call(case, plain)
         self.reference = reference_call(name, case)
 
     def time_compiled(self, dim: int, config: str) -> None:

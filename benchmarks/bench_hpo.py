@@ -11,7 +11,7 @@
   20,000 training examples of MNIST's shape (784 features, 10 classes; synthetic, so no data
   files are needed): the configurations of ``bilevel hpo --problem hyperclean-mnist``.
 
-``docs/results.md`` ("Hyperparameter optimization on a9a") quotes the numbers;
+``docs/results.md`` ("Hyperparameter optimisation", "Performance (asv ``bench_hpo``)") quotes the numbers;
 ``python -m benchmarks.bench_hpo`` prints them without asv.
 """
 

@@ -5,13 +5,17 @@
                                      [--json ROWS] [--render ROWS] [--out docs/compile.md]
 
 Every configuration runs in a fresh worker process (``--worker``), so that its compile time is
-what a user pays in a new process: the inductor and AOT-autograd on-disk caches are switched off
-unless ``--warm-disk-cache``. In the worker, the first ``bl.hypergrad`` call compiles
-(``compile_s`` is its ``stats["compile_s"]``, ``compile CPU`` the CPU seconds of the worker and its
-compiler subprocesses during that call); then the compiled call, the library's eager call and the
-hand-written eager torch.func reference of :mod:`benchmarks._reference` are timed best-of-``repeat``,
-interleaved, in that process. Float32, one thread, ridge problem with n = 1000, 100 gradient steps,
-then 10 CG iterations (AID+CG) or 10 Neumann terms, 10 taped steps for ITD(truncate=10).
+what a user pays in a new process: unless ``--warm-disk-cache``, the inductor FX-graph and
+AOT-autograd on-disk caches are off and the worker gets an empty C++ kernel cache (only inductor's
+precompiled header, built once per machine, is copied in), so every kernel is compiled. In the
+worker, the first ``bl.hypergrad`` call compiles (``compile_s`` is its ``stats["compile_s"]``,
+``compile CPU`` the CPU seconds of the worker and its compiler subprocesses during that call); a
+call with a new shape (``d + 1``; MAML: one task fewer) then shows what each further shape costs
+in a warm process; then the compiled call, the library's eager call (AID with the reference's
+forward-over-reverse HVPs) and the hand-written eager torch.func reference of
+:mod:`benchmarks._reference` are timed best-of-``repeat``, interleaved, in that process.
+Float32, one thread, ridge problem with n = 1000, 100 gradient steps, then 10 CG iterations
+(AID+CG) or 10 Neumann terms, 10 taped steps for ITD(truncate=10).
 
 A configuration is ``ESTIMATOR/GRANULARITY[:CHUNK][/HVP][/dynamic]``, e.g. ``AID+CG/chunk:10/forward``;
 ``ESTIMATOR`` is one of :data:`benchmarks._reference.ESTIMATORS`. ``HVP/forward`` and ``HVP/reverse``
@@ -30,12 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+
+from ._timing import best_of, cpu_seconds, publish, runner_parser
 
 BEGIN, END = "<!-- run_compile:begin -->", "<!-- run_compile:end -->"
 DEFAULT_CONFIGS = ("AID+CG/chunk:10", "AID+CG/step", "AID+CG/chunk:5", "AID+CG/chunk:20", "AID+CG/solve",
@@ -59,12 +64,6 @@ def parse_options(config: str) -> tuple[str, str, int, str | None, bool]:
     return name, gran, int(chunk) if chunk else 10, hvp, "dynamic" in parts[2:]
 
 
-def cpu_seconds() -> float:
-    """CPU seconds of this process and its finished children (inductor's compiler subprocesses)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def worker(dim: int, config: str, repeat: int, clock_name: str, warm_disk_cache: bool) -> dict:
     import torch
     torch.set_num_threads(1)
@@ -74,35 +73,31 @@ def worker(dim: int, config: str, repeat: int, clock_name: str, warm_disk_cache:
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
     import bilevel as bl
-    from ._reference import best_of
     clock = time.thread_time if clock_name == "thread" else time.perf_counter
     name, gran, chunk, hvp, dynamic = parse_options(config)
     if name.startswith("MAML:"):
         return maml_worker(int(name.split(":")[1]), gran, chunk, repeat, clock)
     if name == "HVP":
         return hvp_worker(dim, gran, repeat, clock)
-    from ._reference import exact_solution, library_estimator, make_case, reference_call
+    from ._reference import exact_solution, hypergrad_call, library_estimator, make_case, reference_call
     case = make_case(dim, torch.float32, exact_solution(dim))
-    inner = bl.GradientDescent(lr=case.lr, steps=100)
     plain = library_estimator(name, case.lr)
-    compiled = bl.Compiled(plain, granularity=gran, chunk=chunk, hvp=hvp, dynamic=dynamic)
-    train, val = case.ridge.train, case.ridge.val
-
-    def call(estimator):
-        return lambda: bl.hypergrad(case.ridge.problem, case.hparams, case.params0, inner=inner,
-                                    estimator=estimator, inner_batch=train, outer_batch=val, throw=False)
-
+    compiled = bl.Compiled(plain, granularity=gran, chunk=chunk, dynamic=dynamic, **({"hvp": hvp} if hvp else {}))
     started, cpu0 = time.perf_counter(), cpu_seconds()
-    first = call(compiled)()
+    first = hypergrad_call(case, compiled)()
     first_wall, first_cpu = time.perf_counter() - started, cpu_seconds() - cpu0
-    second = call(compiled)()
-    eager = call(plain)()
+    second = hypergrad_call(case, compiled)()
+    cpu1 = cpu_seconds()  # a new problem shape in the same process: what each further shape costs
+    shape = hypergrad_call(make_case(dim + 1, torch.float32, (case.lr, case.exact)), compiled)()
+    shape_cpu = cpu_seconds() - cpu1
+    eager = hypergrad_call(case, plain)()
     diff = ((first.value["log_lam"] - eager.value["log_lam"]).norm() / eager.value["log_lam"].norm()).item()
-    best = best_of({"compiled": call(compiled), "eager": call(plain), "reference": reference_call(name, case)},
-                   repeat, clock=clock)
+    best = best_of({"compiled": hypergrad_call(case, compiled), "eager": hypergrad_call(case, plain),
+                    "reference": reference_call(name, case)}, repeat, clock=clock)
     return dict(dim=dim, config=config, compile_s=first.stats["compile_s"], first_call_s=first_wall,
                 compile_cpu_s=first_cpu, second_compile_s=second.stats["compile_s"], rel_diff=diff,
-                status=first.result.name, **{f"{k}_ms": v * 1e3 for k, v in best.items()})
+                shape_compile_s=shape.stats["compile_s"], shape_compile_cpu_s=shape_cpu,
+                status=first.result.name, load=os.getloadavg()[0], **{f"{k}_ms": v * 1e3 for k, v in best.items()})
 
 
 def maml_worker(steps: int, gran: str, chunk: int, repeat: int, clock) -> dict:
@@ -112,7 +107,6 @@ def maml_worker(steps: int, gran: str, chunk: int, repeat: int, clock) -> dict:
     import bilevel as bl
     from bilevel.datasets import Sinusoid
 
-    from ._reference import best_of
     from .bench_meta import ALPHA, META_BATCH, SHOTS, make_setup
     calls = make_setup(steps)  # the hand-written reference, on the same network, data and seed
     torch.manual_seed(0)
@@ -126,6 +120,9 @@ def maml_worker(steps: int, gran: str, chunk: int, repeat: int, clock) -> dict:
     first = compiled.meta_gradient(theta, tasks)
     first_wall, first_cpu = time.perf_counter() - started, cpu_seconds() - cpu0
     second = compiled.meta_gradient(theta, tasks)
+    cpu1 = cpu_seconds()  # a new shape (one task fewer) in the same process
+    shape = compiled.meta_gradient(theta, Sinusoid(shots=SHOTS).sample(META_BATCH - 1, seed=1))
+    shape_cpu = cpu_seconds() - cpu1
     ref = eager.meta_gradient(theta, tasks)
     diff = max(float((first.value[k] - ref.value[k]).norm() / ref.value[k].norm()) for k in ref.value)
     best = best_of({"compiled": lambda: compiled.meta_gradient(theta, tasks),
@@ -134,7 +131,9 @@ def maml_worker(steps: int, gran: str, chunk: int, repeat: int, clock) -> dict:
     return dict(dim=0, config=f"MAML N={steps}/{gran}" + (f":{chunk}" if gran == "chunk" else ""),
                 compile_s=first.hypergrad.stats["compile_s"], first_call_s=first_wall, compile_cpu_s=first_cpu,
                 second_compile_s=second.hypergrad.stats["compile_s"], rel_diff=diff,
-                status=first.hypergrad.result.name, **{f"{k}_ms": v * 1e3 for k, v in best.items()})
+                shape_compile_s=shape.hypergrad.stats["compile_s"], shape_compile_cpu_s=shape_cpu,
+                status=first.hypergrad.result.name, load=os.getloadavg()[0],
+                **{f"{k}_ms": v * 1e3 for k, v in best.items()})
 
 
 def hvp_worker(dim: int, mode: str, repeat: int, clock) -> dict:
@@ -147,7 +146,7 @@ def hvp_worker(dim: int, mode: str, repeat: int, clock) -> dict:
     from bilevel.compile._unit import Options
     from bilevel.estimators._base import hvp_yy
 
-    from ._reference import best_of, exact_solution, make_case
+    from ._reference import exact_solution, make_case
     case = make_case(dim, torch.float32, exact_solution(dim))
     problem, x, y, batch = case.ridge.problem, case.hparams, case.params0, case.ridge.train
     v = {"w": torch.randn(dim, generator=torch.Generator().manual_seed(0))}
@@ -168,17 +167,17 @@ def hvp_worker(dim: int, mode: str, repeat: int, clock) -> dict:
     best = best_of({"compiled": compiled, "eager": lambda: hvp_yy(problem, x, y, batch, mode)(v),
                     "reference": lambda: forward(v)}, repeat, clock=clock)
     return dict(dim=dim, config=f"HVP/{mode}", compile_s=compile_s, first_call_s=first_wall, compile_cpu_s=first_cpu,
-                second_compile_s=0.0, rel_diff=diff, status="successful",
+                second_compile_s=0.0, rel_diff=diff, status="successful", load=os.getloadavg()[0],
                 **{f"{k}_ms": v * 1e3 for k, v in best.items()})
 
 
 def table(rows: list[dict]) -> str:
     """Markdown tables: the ridge hypergradient, the MAML meta-gradient, one HVP (whichever rows exist)."""
     head = ("| problem | configuration | reference (ms) | library eager (ms) | compiled (ms) | reference / compiled "
-            "| eager / compiled | compile_s (first call) | compile CPU s | compile_s (second call) | rel. diff. vs eager "
-            "| status |")
+            "| eager / compiled | compile_s (first call) | compile CPU s | compile_s, CPU s (new shape) "
+            "| compile_s (second call) | rel. diff. vs eager | status | load |")
     hvp_head = ("| d | HVP mode | eager forward-over-reverse (ms) | eager, this mode (ms) | compiled, this mode (ms) "
-                "| compile_s | compile CPU s | rel. diff. vs eager |")
+                "| compile_s | compile CPU s | rel. diff. vs eager | load |")
     parts = []
     for kind in ("ridge", "maml", "hvp"):
         chosen = [r for r in rows if _kind(r) == kind]
@@ -190,15 +189,22 @@ def table(rows: list[dict]) -> str:
             if kind == "hvp":
                 lines.append(f"| {r['dim']} | `{r['config'].split('/')[1]}` | {r['reference_ms']:.3f} | "
                              f"{r['eager_ms']:.3f} | {r['compiled_ms']:.3f} | {r['compile_s']:.1f} | "
-                             f"{r['compile_cpu_s']:.1f} | {r['rel_diff']:.1e} |")
+                             f"{r['compile_cpu_s']:.1f} | {r['rel_diff']:.1e} | {r.get('load', float('nan')):.1f} |")
                 continue
             problem = f"ridge d={r['dim']}" if kind == "ridge" else "MAML sinusoid"
             lines.append(f"| {problem} | `{r['config']}` | {r['reference_ms']:.1f} | {r['eager_ms']:.1f} | "
                          f"{r['compiled_ms']:.2f} | **{r['reference_ms'] / r['compiled_ms']:.1f}x** | "
                          f"{r['eager_ms'] / r['compiled_ms']:.1f}x | {r['compile_s']:.1f} | {r['compile_cpu_s']:.1f} | "
-                         f"{r['second_compile_s']:.2f} | {r['rel_diff']:.1e} | `{r['status']}` |")
+                         f"{_shape(r)} | {r['second_compile_s']:.2f} | {r['rel_diff']:.1e} | `{r['status']}` | "
+                         f"{r.get('load', float('nan')):.1f} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _shape(row: dict) -> str:
+    if "shape_compile_s" not in row:
+        return "–"
+    return f"{row['shape_compile_s']:.1f}, {row['shape_compile_cpu_s']:.1f}"
 
 
 def _kind(row: dict) -> str:
@@ -206,16 +212,14 @@ def _kind(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run_compile", description=__doc__.splitlines()[0])
+    parser = runner_parser("benchmarks.run_compile", __doc__, repeat=7)
     parser.add_argument("--dims", type=int, nargs="*", default=[200, 2000])
     parser.add_argument("--configs", nargs="*", default=list(DEFAULT_CONFIGS))
     parser.add_argument("--maml", action="store_true", help="add the MAML sinusoid meta-step")
-    parser.add_argument("--repeat", type=int, default=7, help="best of this many interleaved runs (default 7)")
     parser.add_argument("--clock", choices=["thread", "wall"], default="thread",
                         help="thread: CPU time of the timing thread (steadier on a loaded machine); wall: wall time")
     parser.add_argument("--warm-disk-cache", action="store_true", help="keep torch's on-disk compile caches on")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker (default 1800)")
-    parser.add_argument("--out", default=None, help="markdown file to write the table into")
     parser.add_argument("--json", default=None, help="also append every row, as a JSON line, to this file")
     parser.add_argument("--render", default=None, help="make the table from the rows of a --json file instead of "
                         "measuring")
@@ -231,40 +235,54 @@ def main(argv: list[str] | None = None) -> None:
         rows = [json.loads(line) for line in open(args.render) if line.strip()]
     else:
         rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for dim, config in jobs:
-        cmd = [sys.executable, "-m", "benchmarks.run_compile", "--worker", str(dim), config, "--repeat",
-               str(args.repeat), "--clock", args.clock] + (["--warm-disk-cache"] if args.warm_disk_cache else [])
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True)
-        except subprocess.CalledProcessError as err:
-            print(f"  {config} d={dim}: worker failed\n{err.stderr[-2000:]}", file=sys.stderr, flush=True)
+        row = run_worker(dim, config, args)
+        if row is None:
             continue
-        except subprocess.TimeoutExpired:
-            print(f"  {config} d={dim}: worker timed out after {args.timeout:.0f} s", file=sys.stderr, flush=True)
-            continue
-        row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
         print(f"  {row['config']:28s} d={dim:5d}  ref {row['reference_ms']:7.1f} ms  eager {row['eager_ms']:7.1f} ms  "
-              f"compiled {row['compiled_ms']:7.2f} ms  compile {row['compile_s']:6.1f} s", file=sys.stderr, flush=True)
-    command = "python -m benchmarks.run_compile " + " ".join(sys.argv[1:] if argv is None else argv)
-    import torch
-    text = (f"{table(rows)}\n\nProduced by `{command.strip()}` on {started} ({platform.machine()}, "
-            f"{os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {platform.python_version()}, one thread, "
-            f"best of {args.repeat}, {args.clock} clock, on-disk compile caches "
-            f"{'on' if args.warm_disk_cache else 'off'}).")
-    print(text)
-    if args.out:
-        old = open(args.out).read() if os.path.exists(args.out) else ""
-        if BEGIN in old and END in old:
-            new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", old, flags=re.S)
-        else:
-            new = f"{old}\n{BEGIN}\n{text}\n{END}\n"
-        with open(args.out, "w") as fh:
-            fh.write(new)
+              f"compiled {row['compiled_ms']:7.2f} ms  compile {row['compile_s']:6.1f} s  load {row.get('load', 0):.1f}",
+              file=sys.stderr, flush=True)
+    caches = "on" if args.warm_disk_cache else "off (a fresh kernel cache per worker)"
+    details = f"one thread, best of {args.repeat}, {args.clock} clock, on-disk compile caches {caches}"
+    if args.render:
+        details = f"rows measured earlier ({details}; each row's load average in its last column)"
+    publish("benchmarks.run_compile", argv, table(rows), started, details, args.out, BEGIN, END, load=not args.render)
+
+
+def run_worker(dim: int, config: str, args: argparse.Namespace) -> dict | None:
+    """One configuration in a fresh worker process; ``None`` (and a message) if it failed or timed out.
+
+    Unless ``--warm-disk-cache``, the worker gets an empty inductor cache directory holding only the
+    precompiled C++ header of the default one (built once per machine), so that its compile time is
+    what a new problem shape costs: every C++ kernel is compiled, none is found on disk.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.run_compile", "--worker", str(dim), config, "--repeat",
+           str(args.repeat), "--clock", args.clock] + (["--warm-disk-cache"] if args.warm_disk_cache else [])
+    scratch = None
+    if not args.warm_disk_cache:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        scratch = tempfile.mkdtemp(prefix="bilevel-compile-")
+        headers = os.path.join(cache_dir(), "precompiled_headers")
+        if os.path.isdir(headers):
+            shutil.copytree(headers, os.path.join(scratch, "precompiled_headers"))
+        env["TORCHINDUCTOR_CACHE_DIR"] = scratch
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True)
+    except subprocess.CalledProcessError as err:
+        print(f"  {config} d={dim}: worker failed\n{err.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return None
+    except subprocess.TimeoutExpired:
+        print(f"  {config} d={dim}: worker timed out after {args.timeout:.0f} s", file=sys.stderr, flush=True)
+        return None
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -10,15 +10,11 @@ reference's (float64), the HVP and gradient counts, and the float32 status.
 
 With ``--out FILE``: if FILE contains the markers ``<!-- run_core:begin -->`` and
 ``<!-- run_core:end -->`` the table replaces what lies between them (the prose
-around it stays); otherwise FILE is written with the table alone.
+around it stays); otherwise the markers and the table are appended to FILE (or make it).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import re
 import sys
 import time
 
@@ -26,6 +22,7 @@ import torch
 
 from ._reference import (ESTIMATORS, exact_solution, library_call, make_case, reference_call, rel_error,
                          time_ratio)
+from ._timing import markdown_table, publish, runner_parser
 
 BEGIN, END = "<!-- run_core:begin -->", "<!-- run_core:end -->"
 
@@ -55,41 +52,23 @@ def measure(dims: list[int], repeat: int, estimators: list[str]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| estimator | d | `bl.hypergrad` (ms) | reference (ms) | ratio | rel. error f32 | rel. error f64 "
-            "| library vs reference (f64) | HVPs | gradients | status (f32) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(f"| {r['estimator']} | {r['dim']} | {r['t_lib'] * 1e3:.1f} | {r['t_ref'] * 1e3:.1f} | "
-                     f"**{r['ratio']:.3f}** | {r['err32']:.2e} | {r['err64']:.2e} | {r['gap']:.1e} | "
-                     f"{r['num_hvp']} | {r['num_grad']} | `{r['status']}` |")
-    return "\n".join(lines)
+    header = ["estimator", "d", "`bl.hypergrad` (ms)", "reference (ms)", "ratio", "rel. error f32", "rel. error f64",
+              "library vs reference (f64)", "HVPs", "gradients", "status (f32)"]
+    return markdown_table(header, [[r["estimator"], str(r["dim"]), f"{r['t_lib'] * 1e3:.1f}", f"{r['t_ref'] * 1e3:.1f}",
+                                    f"**{r['ratio']:.3f}**", f"{r['err32']:.2e}", f"{r['err64']:.2e}", f"{r['gap']:.1e}",
+                                    str(r["num_hvp"]), str(r["num_grad"]), f"`{r['status']}`"] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run_core", description=__doc__.splitlines()[0])
+    parser = runner_parser("benchmarks.run_core", __doc__, repeat=11)
     parser.add_argument("--dims", type=int, nargs="+", default=[200, 2000])
-    parser.add_argument("--repeat", type=int, default=11, help="best of this many interleaved runs (default 11)")
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
-    parser.add_argument("--out", default=None, help="markdown file to write the table into")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.strftime("%Y-%m-%d %H:%M")
     rows = measure(args.dims, args.repeat, args.estimators)
-    command = "python -m benchmarks.run_core " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = (f"{table(rows)}\n\n"
-            f"Produced by `{command.strip()}` on {started} ({platform.machine()}, "
-            f"{os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {platform.python_version()}, "
-            f"one thread, best of {args.repeat}).")
-    print(text)
-    if args.out:
-        old = open(args.out).read() if os.path.exists(args.out) else ""
-        if BEGIN in old and END in old:
-            new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", old,
-                         flags=re.S)
-        else:
-            new = f"{BEGIN}\n{text}\n{END}\n"
-        with open(args.out, "w") as fh:
-            fh.write(new)
+    publish("benchmarks.run_core", argv, table(rows), started, f"one thread, best of {args.repeat}", args.out,
+            BEGIN, END)
 
 
 if __name__ == "__main__":

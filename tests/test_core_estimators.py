@@ -420,7 +420,7 @@ def test_forward_hvp_falls_back_to_reverse_with_a_warning(monkeypatch):
     kw = dict(inner=bl.GradientDescent(lr=0.5, steps=40))
     with pytest.warns(RuntimeWarning, match=r"AID\(hvp='forward'\): an operator .* no forward-mode rule.*"
                                              r"Pass AID\(hvp='reverse'\)"):
-        hg = bl.hypergrad(problem, x, y0, estimator=bl.AID(linear_solver=bl.CG(max_steps=3)), **kw)
+        hg = bl.hypergrad(problem, x, y0, estimator=bl.AID(linear_solver=bl.CG(max_steps=3), hvp="forward"), **kw)
     assert rel_err(hg.value["c"], (x["c"] / 2 - 1) / 2) < 1e-12
     rev = bl.hypergrad(problem, x, y0, estimator=bl.AID(linear_solver=bl.CG(max_steps=3), hvp="reverse"), **kw)
     assert rel_err(rev.value, hg.value) < 1e-14

@@ -12,7 +12,7 @@ from torch import nn
 import bilevel as bl
 from bilevel._cli import main
 from bilevel.datasets import Sinusoid
-from bilevel.meta import MAML, TaskPool, Tasks, evaluate, results_table, sinusoid_figure, split
+from bilevel.meta import MAML, Evaluation, TaskPool, Tasks, evaluate, results_table, sinusoid_figure, split
 
 
 def mlp(out: int = 1) -> nn.Sequential:
@@ -50,12 +50,18 @@ def test_split_rejects_malformed_meta_batches() -> None:
         split(Tasks(sx, sy[:2], qx, qy))
     with pytest.raises(ValueError, match="number of points"):
         split(Tasks(sx, sy[:, :3], qx, qy))
+    with pytest.raises(ValueError, match="at least one support and one query point; got 0 support"):
+        split(Tasks(sx[:, :0], sy[:, :0], qx, qy))
+    with pytest.raises(ValueError, match="got 4 support and 0 query points"):
+        evaluate(MAML(mlp()), MAML(mlp()).init_hparams(), Tasks(sx, sy, qx[:, :0], qy[:, :0]))
 
 
 def test_model_output_that_does_not_match_the_targets_is_a_clear_error() -> None:
     maml = MAML(mlp(out=3))
     with pytest.raises(ValueError, match=r"predictions of shape \(4, 3\) for targets of shape \(4, 1\)"):
         maml.meta_gradient(maml.init_hparams(), Sinusoid(shots=4).sample(2, seed=0))
+    with pytest.raises(ValueError, match=r"predictions of shape \(4, 3\) for targets of shape \(4, 1\)"):
+        evaluate(maml, maml.init_hparams(), Sinusoid(shots=4).sample(2, seed=0))
 
 
 def test_batchnorm_runs_under_vmap_with_batch_statistics_and_the_module_is_untouched() -> None:
@@ -91,6 +97,58 @@ def test_evaluate_statistics_and_zero_steps_is_the_start() -> None:
         evaluate(maml, theta, tasks, steps=(-1,))
 
 
+def linear_tasks(xs: list[float]) -> Tasks:
+    """One task per support input ``x`` (three copies of the point), target ``y = x``, query at 1."""
+    sx = torch.tensor(xs, dtype=torch.float64)[:, None, None].expand(-1, 3, 1).clone()
+    qx = torch.ones(len(xs), 2, 1, dtype=torch.float64)
+    return Tasks(sx, sx.clone(), qx, qx.clone())
+
+
+def test_evaluation_counts_diverged_tasks_and_never_prints_nan() -> None:
+    # y = w x with mse: the support Hessian is 2 x^2, so gradient descent of step a from w = 0 gives
+    # w_n = 1 - (1 - 2 a x^2)^n; with a = 0.1 it converges for x = 1 and x = 2 (2 a x^2 < 2) and
+    # diverges for x = 3 (|1 - 1.8| < 1 is fine, but x = 4: |1 - 3.2| > 1).
+    maml = MAML(lambda p, x: x * p["w"], inner=bl.GradientDescent(lr=0.1, steps=1))
+    theta = {"w": torch.zeros((), dtype=torch.float64)}
+    xs = [1.0, 2.0, 4.0]
+    ev = evaluate(maml, theta, linear_tasks(xs), steps=(0, 1, 3))
+    query = {n: [(1 - (1 - 0.2 * x * x) ** n - 1) ** 2 for x in xs] for n in (0, 1, 3)}
+    torch.testing.assert_close(ev.losses, torch.tensor([query[0], query[1], query[3]], dtype=torch.float64))
+    assert ev.support_path.shape == (4, 3)
+    assert [ev.num_diverged(n) for n in (0, 1, 3)] == [0, 1, 1]
+    assert ev.diverged(3).tolist() == [False, False, True]
+    assert ev.mean(3) == pytest.approx(sum(query[3][:2]) / 2)  # over the tasks that did not diverge
+    assert ev.median(3) == pytest.approx(sorted(query[3])[1])  # over all tasks
+    assert ev.cell(3).endswith("(1 diverged)") and "nan" not in ev.cell(3)
+    assert ev.summary(3)["diverged"] == 1 and ev.summary(3)["tasks"] == 3
+    with pytest.raises(ValueError, match="5 steps were not evaluated"):
+        ev.mean(5)
+
+
+def test_a_rise_of_the_support_loss_counts_even_if_it_comes_back_down() -> None:
+    losses = torch.tensor([[1.0, 1.0], [0.5, 0.4], [0.2, 0.3]])
+    path = torch.tensor([[2.0, 2.0], [1.0, 9.0], [0.5, 8.0], [0.4, 1.0], [0.3, 0.5], [0.2, 0.4]])
+    ev = Evaluation((0, 1, 5), losses, path)
+    assert ev.diverged(0).tolist() == [False, False]
+    assert ev.diverged(1).tolist() == [False, True]
+    assert ev.diverged(5).tolist() == [False, True]  # the loss rose at step 1, fell below the start later
+    assert ev.cell(5) == "0.200 (1 task) (1 diverged)"
+
+
+def test_nonfinite_losses_are_counted_and_all_diverged_is_said_in_words() -> None:
+    nan, inf = math.nan, math.inf
+    ev = Evaluation((0, 10), torch.tensor([[1.0, 2.0, 3.0], [nan, inf, 0.5]]))
+    assert ev.num_diverged(10) == 2 and ev.mean(10) == 0.5 and math.isnan(ev.ci95(10))
+    assert ev.median(10) == inf  # NaN counts as +inf
+    every = Evaluation((0, 10), torch.tensor([[1.0, 2.0], [nan, nan]]), torch.tensor([[1.0, 1.0], [nan, 3.0]]))
+    assert every.cell(10) == "all 2 diverged"
+    assert every.summary(10)["mean"] is None and every.summary(10)["diverged"] == 2
+    table = results_table({"a": ev, "b": every}, steps=(1, 10), median=True)
+    assert "nan" not in table
+    assert table.splitlines()[0] == "| method | 1 step | 10 steps | median, 1 step | median, 10 steps |"
+    assert table.splitlines()[3] == "| b | — | all 2 diverged | — | inf |"
+
+
 def test_sinusoid_figure_is_a_png(tmp_path) -> None:
     maml = MAML(mlp())
     sinusoid_figure(maml, maml.init_hparams(), Sinusoid(shots=5).sample(2, seed=0), tmp_path / "fig.png", panels=1)
@@ -104,8 +162,13 @@ def test_meta_train_command_writes_every_output_and_resumes(tmp_path, capsys) ->
     for name in ("checkpoint.pt", "metrics.csv", "figure.png", "results.md", "results.json"):
         assert (tmp_path / name).exists(), name
     summary = json.loads((tmp_path / "results.json").read_text())
-    assert summary["iterations"] == 4 and set(summary["mse"]) == {"0", "1", "5", "10"}
-    assert "metasgd (4 it.)" in capsys.readouterr().out
+    # Meta-SGD is evaluated after the one step its step sizes were learned for (Li et al.'s protocol)
+    assert summary["iterations"] == 4 and set(summary["mse"]) == {"0", "1"}
+    assert set(summary["mse"]["1"]) == {"mean", "ci95", "median", "diverged", "tasks"}
+    assert summary["mse"]["1"]["tasks"] == 8
+    out = capsys.readouterr().out
+    assert "metasgd (4 it.)" in out and "| — | — |" in out
+    assert "learned step sizes" in (tmp_path / "results.md").read_text()
     assert main([*args[:6], "6", *args[7:]]) == 0  # resumes from iteration 4
     assert json.loads((tmp_path / "results.json").read_text())["iterations"] == 6
     with pytest.raises(SystemExit) as exit_info:  # another configuration in the same folder

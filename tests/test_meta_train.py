@@ -76,6 +76,18 @@ def test_checkpoint_from_a_different_configuration_is_refused(tmp_path) -> None:
     assert fresh.iteration == 2
 
 
+def test_a_checkpoint_from_before_on_failure_existed_resumes_as_raise(tmp_path) -> None:
+    family = Sinusoid(shots=5)
+    trainer(iterations=2).run(learner(), family, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["on_failure"]  # as written before the option existed
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    assert trainer(iterations=3).run(learner(), family, tmp_path).iteration == 3
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(CheckpointError, match="on_failure: 'raise' in the checkpoint, 'drop' now"):
+        trainer(iterations=3, on_failure="drop").run(learner(), family, tmp_path)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "not-a-checkpoint"])
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, damage) -> None:
     trainer(iterations=2).run(learner(), Sinusoid(shots=5), tmp_path)

@@ -76,7 +76,10 @@ def test_logreg_a9a_smoke(capsys, tmp_path):
     assert [r["method"] for r in rows] == ["reference"] * 2 + ["stocbio"] * 2
     assert all(0 < float(r["test_loss"]) < 1 for r in rows)
     assert (tmp_path / "curves.png").stat().st_size > 1000
-    assert "| reference | 2 |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| reference | 2 |" in report
+    assert "Settings: --problem logreg-a9a --method reference,stocbio --n-train 200 --n-val 200 --seed 0" in report
+    assert "--inner-steps 3 --linear-steps 3 --batch-size 50; torch threads 1; load average" in report
 
 
 @pytest.mark.data
@@ -88,6 +91,7 @@ def test_hyperclean_mnist_smoke(capsys, tmp_path):
     assert main(argv) == 0
     table = (tmp_path / "results.md").read_text()
     assert "train on corrupted data (no cleaning)" in table and "oracle" in table and "| stocbio | 2 |" in table
+    assert "--corruption 0.5 --classifier linear --n-test 200; torch threads 1" in table
     rows = _rows(tmp_path / "curves.csv")
     assert {"auc", "precision", "recall", "test_accuracy"} <= set(rows[0])
     assert 0 <= float(rows[-1]["auc"]) <= 1

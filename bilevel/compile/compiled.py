@@ -18,8 +18,8 @@ from ._primitives import CompiledLinearSolver, Runner
 from ._fallback import warn_once
 from ._unit import Options
 
-Granularity = Literal["step", "chunk", "solve", "estimator"]
-_GRANULARITIES = ("step", "chunk", "solve", "estimator")
+Granularity = Literal["auto", "step", "chunk", "solve", "estimator"]
+_GRANULARITIES = ("auto", "step", "chunk", "solve", "estimator")
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,13 @@ class Compiled(AbstractEstimator):
     compiled units too), so ITD differentiates through compiled inner steps.
 
     ``granularity`` chooses what one unit is (see the table in the docs, "Compiled
-    execution", for compile and run times on the ridge benchmark):
+    execution", for compile and run times on the ridge benchmark and MAML):
 
-    * ``"chunk"`` (default): ``chunk`` inner steps per unit, one Hessian-vector product
+    * ``"auto"`` (default): ``"estimator"`` when the inner solver runs at most ``chunk``
+      steps on fixed batches (MAML-style: measured 2.6x and 5x faster than eager for 1 and
+      5 steps, where ``"chunk"`` was slower than eager), else ``"chunk"`` (100-step ridge
+      solves: 8.6x and 3.4x faster than the eager reference at d = 200 and 2000).
+    * ``"chunk"``: ``chunk`` inner steps per unit, one Hessian-vector product
       per unit (the linear solver's own vector updates stay eager), the outer gradients and
       the mixed second derivative one unit each. Compile time does not grow with the
       number of inner steps or linear-solver iterations: every chunk reuses the first
@@ -63,8 +67,9 @@ class Compiled(AbstractEstimator):
 
     Args:
         estimator: the estimator to run, e.g. ``bl.AID(linear_solver=bl.CG(max_steps=10))``.
-        granularity: ``"chunk"`` (default), ``"step"``, ``"solve"`` or ``"estimator"``.
-        chunk: inner steps per unit for ``granularity="chunk"`` (default 10).
+        granularity: ``"auto"`` (default), ``"chunk"``, ``"step"``, ``"solve"`` or ``"estimator"``.
+        chunk: inner steps per unit for ``granularity="chunk"`` (default 10), and the most
+            inner steps for which ``"auto"`` compiles the whole estimator as one unit.
         hvp: Hessian-vector products on the compiled path: ``"reverse"`` (default;
             reverse-over-reverse, which measured faster compiled: see the docs) or
             ``"forward"`` (forward-over-reverse) override the estimator's ``hvp`` option;
@@ -76,18 +81,18 @@ class Compiled(AbstractEstimator):
         >>> import bilevel as bl
         >>> estimator = bl.Compiled(bl.AID(linear_solver=bl.CG(max_steps=10)))
         >>> estimator.granularity, estimator.chunk, estimator.linear_solver
-        ('chunk', 10, CG(max_steps=10, rtol=1e-10, atol=0.0))
+        ('auto', 10, CG(max_steps=10, rtol=1e-10, atol=0.0))
 
         Pass it wherever an estimator goes: ``bl.hypergrad(problem, x, y0, inner=...,
         estimator=estimator)``, :func:`~bilevel.vmap_hypergrad`, ``bl.meta.MAML(net,
-        estimator=bl.Compiled(bl.ITD(), granularity="estimator"))``.
+        estimator=bl.Compiled(bl.ITD()))`` (a few inner steps: the whole estimator is one unit).
 
     Reference: J. Ansel et al., "PyTorch 2: faster machine learning through dynamic Python
     bytecode transformation and graph compilation", ASPLOS 2024.
     """
 
     estimator: AbstractEstimator
-    granularity: Granularity = "chunk"
+    granularity: Granularity = "auto"
     chunk: int = 10
     hvp: Literal["forward", "reverse"] | None = "reverse"
     backend: str = "inductor"
@@ -110,7 +115,7 @@ class Compiled(AbstractEstimator):
         if self.hvp is not None and hasattr(estimator, "hvp"):
             estimator = dataclasses.replace(estimator, hvp=self.hvp)
         options = Options(backend=self.backend, mode=self.mode, dynamic=self.dynamic)
-        chunk = {"step": 1, "chunk": self.chunk}.get(self.granularity)
+        chunk = {"step": 1, "chunk": self.chunk, "auto": self.chunk}.get(self.granularity)
         runner = Runner(chunk, options)
         staged = estimator
         solver = getattr(estimator, "linear_solver", None)
@@ -132,8 +137,11 @@ class Compiled(AbstractEstimator):
         args = (problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0)
         if not usable(self.backend, hparams):
             return self._plain.run(*args)
+        fixed = not is_stochastic(inner_batch) and not is_stochastic(outer_batch)
+        if self.granularity == "auto" and fixed and inner.steps <= self.chunk:
+            return self._run_whole(*args)
         if self.granularity == "estimator":
-            if not is_stochastic(inner_batch) and not is_stochastic(outer_batch):
+            if fixed:
                 return self._run_whole(*args)
             warn_once(("estimator-sampler", self), f"{self!r}: granularity='estimator' needs fixed batches, and "
                       "inner_batch is a bl.Sampler (drawn with Python code at every step); running with "

@@ -77,7 +77,9 @@ def loop_start(solver: AbstractInnerSolver, params0: Params) -> LoopState:
 def loop_run(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, start: int, stop: int) -> LoopState:
     """Run steps ``start .. stop-1``; pure in its inputs.
 
-    The per-step bookkeeping is one kernel: the squared gradient norm, as a dot product.
+    The per-step bookkeeping is the squared gradient norm: the dot product when ``tol`` stops
+    the loop, otherwise (a diagnostic only) one norm per leaf (:func:`_sq_norm`, a quarter of
+    the kernels: under ``vmap`` and ITD's ``grad`` each kernel goes through both transforms).
     Losses and squared gradient norms are kept in lists and checked once at the end of
     the run (:func:`_first_bad`), which finds the same first NaN/inf step as a check at
     every step would. The loop is short and fixed, so the lists cost nothing but the
@@ -93,7 +95,8 @@ def loop_run(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, star
     losses, sq_norms = [], []
     for k in range(start, stop):
         grad, loss = grad_fn(state[0], k)
-        sq_norm = tree_dot(grad, grad)
+        # With tol the norm decides termination: the exact dot. Without, it is a diagnostic only.
+        sq_norm = tree_dot(grad, grad) if masked else _sq_norm(grad)
         losses.append(loss)
         sq_norms.append(sq_norm)
         new = solver.step(state, grad)
@@ -111,15 +114,36 @@ def loop_run(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, star
     return LoopState(state, steps, done, bad, loss0, losses[-1], torch.sqrt(sq_norms[-1]))
 
 
+def _sq_norm(grad: Params) -> Tensor:
+    """``||grad||²`` in few kernels: one norm per leaf, then the sum of their squares.
+
+    Under ``vmap`` and ITD's ``grad`` every kernel is dispatched through both transforms; this
+    form dispatches a quarter of :func:`tree_dot`'s calls (no reshapes). The squares are formed
+    and summed in the leaves' dtype, so the result is ``inf`` when ``||grad||²`` leaves the
+    dtype's range, as with the dot product (and NaN/inf whenever an entry is).
+    """
+    norms = [torch.linalg.vector_norm(v) for v in grad.values()]
+    if len(norms) == 1:
+        return norms[0] * norms[0]
+    stacked = torch.stack(norms)
+    return (stacked * stacked).sum()
+
+
 def _first_bad(bad: Tensor, start: int, losses: list[Tensor], sq_norms: list[Tensor]) -> Tensor:
     """``bad`` if a NaN/inf was already recorded, else the first step of this run (numbered
     from ``start``) whose loss or squared gradient norm is NaN/inf, else ``-1``.
 
     ``isfinite(‖g‖²)`` is ``isfinite(‖g‖)``: the check is the one a per-step test makes.
+    ``v - v`` is exactly 0 for a finite ``v`` and NaN for NaN/inf, so one ``!= 0`` tests the
+    loss and the norm of every step at once (fewer kernels than ``isfinite``).
     """
-    finite = torch.isfinite(torch.stack(losses)) & torch.isfinite(torch.stack(sq_norms))
-    first = torch.argmax((~finite).to(torch.uint8), dim=0) + start  # argmax: the first maximum
-    return torch.where((bad < 0) & ~finite.all(), first, bad)
+    if len(losses) == 1:
+        check = (losses[0] - losses[0]) + (sq_norms[0] - sq_norms[0])
+        return torch.where((bad < 0) & (check != 0), start, bad)
+    value, norm = torch.stack(losses), torch.stack(sq_norms)
+    nonfinite = ((value - value) + (norm - norm)) != 0
+    first = torch.argmax(nonfinite.to(torch.uint8), dim=0) + start  # argmax: the first maximum
+    return torch.where((bad < 0) & nonfinite.any(), first, bad)
 
 
 def loop_finish(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, *,
@@ -134,8 +158,8 @@ def loop_finish(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, *
         # Where the loop stopped early, the last evaluated values already describe the iterate.
         gnorm, loss = final_norm, final_loss
         num_grad += 1
-    code = torch.zeros((), dtype=torch.int64, device=steps.device)
-    code = combine(code, bad >= 0, RESULTS.inner_nonfinite)
+    # combine(0, bad >= 0, inner_nonfinite) in two kernels: the first status needs no first-failure test
+    code = torch.where(bad >= 0, RESULTS.inner_nonfinite.code, 0)
     if check_growth and solver.steps > 1:
         grew = loss > loss0 + 1e-2 * loss0.abs() + 1e-6
         code = combine(code, grew, RESULTS.inner_diverged)

@@ -31,7 +31,7 @@ class CG(AbstractLinearSolver):
     Example:
         >>> import bilevel as bl
         >>> bl.AID(linear_solver=bl.CG(max_steps=20, rtol=1e-10))
-        AID(linear_solver=CG(max_steps=20, rtol=1e-10, atol=0.0), hvp='forward')
+        AID(linear_solver=CG(max_steps=20, rtol=1e-10, atol=0.0), hvp='auto')
     """
 
     max_steps: int = 20

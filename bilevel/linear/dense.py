@@ -24,7 +24,7 @@ class Dense(AbstractLinearSolver):
     Example:
         >>> import bilevel as bl
         >>> bl.AID(linear_solver=bl.Dense())
-        AID(linear_solver=Dense(), hvp='forward')
+        AID(linear_solver=Dense(), hvp='auto')
     """
 
     def solve(self, matvec: MatVec, b: Params, x0: Params | None = None) -> LinearSolution:

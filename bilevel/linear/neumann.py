@@ -50,7 +50,7 @@ class Neumann(AbstractLinearSolver):
     Example:
         >>> import bilevel as bl
         >>> bl.AID(linear_solver=bl.Neumann(steps=20, alpha=0.1))
-        AID(linear_solver=Neumann(steps=20, alpha=0.1), hvp='forward')
+        AID(linear_solver=Neumann(steps=20, alpha=0.1), hvp='auto')
     """
 
     steps: int = 20

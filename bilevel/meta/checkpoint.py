@@ -15,6 +15,11 @@ FORMAT = 1
 COLUMNS = ("iteration", "elapsed_s", "train_loss", "val_loss", "dropped_tasks")
 
 
+#: Options added to the configuration after format 1 was written, with the behaviour that
+#: checkpoints without them had: a checkpoint that lacks the key matches this value.
+LEGACY_DEFAULTS = {"on_failure": "raise"}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, corrupt, or written for another configuration."""
 
@@ -65,8 +70,8 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = Non
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"load_checkpoint({str(path)!r}): not a bilevel meta-training checkpoint "
                               f"(expected the keys {sorted(keys)}, found {found}).")
-    if config is not None and state["config"] != config:
-        saved = state["config"]
+    if config is not None and {**LEGACY_DEFAULTS, **state["config"]} != config:
+        saved = {**LEGACY_DEFAULTS, **state["config"]}
         diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {config.get(k)!r} now"
                 for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
         raise CheckpointError(f"load_checkpoint({str(path)!r}): the checkpoint was written for a different "

@@ -85,6 +85,19 @@ def protocol_learner(learner: AbstractMetaLearner, inner_lr: float) -> AbstractM
     return learner
 
 
+PROTOCOL_NOTE = (" Meta-SGD is evaluated after the steps it was trained for, with its learned step sizes "
+                 "(Li et al. 2017's protocol): its step sizes are fitted to that many steps, and more steps of "
+                 "them diverge.")
+
+
+def protocol_steps(learner: AbstractMetaLearner) -> tuple[int, ...]:
+    """The step counts evaluated: 0, 1, 5 and 10 (Finn et al. 2017), and for Meta-SGD 0 and the
+    number of steps its step sizes were learned for."""
+    if isinstance(learner, MetaSGD):
+        return (0, learner.inner.steps)
+    return (0, 1, 5, 10)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bilevel meta-train``."""
     p = subparsers.add_parser(
@@ -95,7 +108,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--task", choices=TASKS, default="sinusoid",
                    help="sinusoid: MAML's family; sinusoid-freq: Meta-SGD's (frequency in [0.8, 1.2]); omniglot: "
                         "N-way K-shot characters with a 4-block conv net (pass e.g. --ways 5 --shots 1 --inner-lr 0.4)")
-    p.add_argument("--method", choices=METHODS, default="maml")
+    p.add_argument("--method", choices=(*METHODS, "shared-softmax"), default="maml",
+                   help="shared-softmax: omniglot only")
     p.add_argument("--shots", type=int, default=10, help="support (and query) points per training task (10)")
     p.add_argument("--ways", type=int, default=5, help="omniglot: classes per episode (5)")
     p.add_argument("--queries", type=int, default=15, help="omniglot: query images per class (15)")
@@ -126,6 +140,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="leave tasks whose hypergradient fails (e.g. a diverging inner loop) out of the step's "
                         "mean and count them in metrics.csv, instead of stopping")
     p.add_argument("--no-progress", action="store_true")
+    from .omniglot_cli import add_omniglot_arguments
+    add_omniglot_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -162,20 +178,25 @@ def run(args: argparse.Namespace) -> int:
     held_out = dataclasses.replace(family, shots=args.eval_shots, queries=100)
     tasks = held_out.sample(args.eval_tasks, EVAL_SEED)
     judge = protocol_learner(learner, args.inner_lr)
-    ev = evaluate(judge, trained.hparams, tasks, steps=(0, 1, 5, 10))
-    sinusoid_figure(judge, trained.hparams, tasks, out / "figure.png",
+    steps = protocol_steps(learner)
+    ev = evaluate(judge, trained.hparams, tasks, steps=steps)
+    sinusoid_figure(judge, trained.hparams, tasks, out / "figure.png", steps=(steps[1], steps[-1]),
                     title=f"{args.method}, {args.eval_shots}-shot, after {trained.iteration} meta-steps")
-    command = "bilevel " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "bilevel meta-train"
+    argv = sys.argv[1:] if sys.argv[1:2] == ["meta-train"] else ["meta-train", *sys.argv[1:]]  # python -m ...cli
+    command = "bilevel " + " ".join(shlex.quote(a) for a in argv)
     label = f"{args.method} ({trained.iteration} it.)"
-    table = results_table({label: ev}, steps=(0, 1, 5, 10))
+    table = results_table({label: ev}, steps=(0, 1, 5, 10), median=True)
+    note = PROTOCOL_NOTE if isinstance(learner, MetaSGD) else ""
     (out / "results.md").write_text(f"{table}\n\nCommand: `{command}`\n\nLearner: `{describe(learner)}`\n\n"
                                     f"Meta-steps: {trained.iteration} ({trained.elapsed_s / 60:.1f} min, stopped by "
                                     f"{trained.stopped}); evaluation: {args.eval_tasks} held-out tasks, "
-                                    f"{args.eval_shots} support and 100 query points.\n")
+                                    f"{args.eval_shots} support and 100 query points; mean ± 95% CI over the tasks "
+                                    "that did not diverge (support loss raised by adaptation, or not finite), their "
+                                    f"count, and the median over all tasks.{note}\n")
     summary = {"method": args.method, "task": args.task, "iterations": trained.iteration,
                "elapsed_s": trained.elapsed_s, "stopped": trained.stopped, "eval_tasks": args.eval_tasks,
                "eval_shots": args.eval_shots, "command": command,
-               "mse": {str(n): {"mean": ev.mean(n), "ci95": ev.ci95(n)} for n in ev.steps}}
+               "mse": {str(n): ev.summary(n) for n in ev.steps}}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table)
     print(f"wrote {out}/checkpoint.pt, metrics.csv, figure.png, results.md, results.json")

@@ -30,7 +30,9 @@ from .meta_sgd import LearnedSGD, MetaSGD
 from .shared_embedding import RidgeHead, SharedEmbedding, SoftmaxHead
 from .tasks import Tasks, split
 
-METHODS = ("maml", "fomaml", "anil", "metasgd", "shared-ridge", "shared-softmax")
+METHODS = ("maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "esj", "shared-ridge", "shared-softmax")
+#: Inner steps per method when ``inner_steps`` is not given (Reptile and iMAML need several).
+DEFAULT_STEPS = {"reptile": 5, "imaml": 5}
 
 
 class EpisodeFamily:
@@ -82,32 +84,49 @@ def accuracy(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def make_learner(method: str, ways: int, *, hidden: int = 64, pool: str = "max", inner_lr: float = 0.4,
-                 inner_steps: int = 1, lam: float | None = None, dtype: torch.dtype = torch.float32,
-                 seed: int = 0) -> tuple[AbstractMetaLearner, Params]:
-    """A learner on :class:`ConvNet` for ``ways``-way classification, and its starting meta-parameters.
+                 inner_steps: int | None = None, lam: float | None = None, dtype: torch.dtype = torch.float32,
+                 seed: int = 0, directions: int = 8, smoothing: float = 1e-2) -> tuple[AbstractMetaLearner, Params]:
+    r"""A learner on :class:`ConvNet` for ``ways``-way classification, and its starting meta-parameters.
 
     ``"maml"`` (second order, :class:`~bilevel.ITD`), ``"fomaml"`` (:class:`~bilevel.FirstOrder`),
     ``"anil"`` (head-only inner loop), ``"metasgd"`` (learned per-weight steps), all with
     cross-entropy and ``inner_steps`` steps of size ``inner_lr`` (default 0.4, Finn et al.'s Omniglot
-    value); ``"shared-ridge"`` (embedding + ridge head on one-hot targets in closed form, R2D2-style;
+    value; one step, five for ``"reptile"`` and ``"imaml"``); ``"reptile"`` (:class:`~bilevel.Reptile`,
+    first order, meta-gradient :math:`\theta - y_N`), ``"imaml"`` (:class:`~bilevel.IMAML`, proximal
+    strength ``lam``, default 2.0, CG with 5 reverse-mode HVPs), ``"esj"`` (ANIL whose head-response
+    Jacobian :math:`\partial u_N / \partial \theta` is estimated by :class:`~bilevel.ESJ` from
+    ``directions`` Gaussian perturbations of size ``smoothing`` — no second derivatives; the body's
+    direct gradient stays exact, which keeps the estimate usable with 100k meta-parameters, where
+    ESJ on all of MAML's parameters would be noise); ``"shared-ridge"`` (embedding + ridge head on
+    one-hot targets in closed form, R2D2-style;
     use :class:`EpisodeFamily` with ``one_hot=True``) and ``"shared-softmax"`` (embedding + softmax
     head solved by 30 gradient steps, differentiated implicitly with CG). ``lam``: ridge (default 1.0)
     or softmax (default 0.1) head penalty.
     """
     if method not in METHODS:
         raise ValueError(f"make_learner(method={method!r}): expected one of {METHODS}.")
+    steps = DEFAULT_STEPS.get(method, 1) if inner_steps is None else inner_steps
     shared = method.startswith("shared")
     net = ConvNet(ways=None if shared else ways, hidden=hidden, pool=pool)
     params = net.init(seed, dtype)
-    gd = inner.GradientDescent(lr=inner_lr, steps=inner_steps)
+    gd = inner.GradientDescent(lr=inner_lr, steps=steps)
     if method == "maml":
         return MAML(net, inner=gd, loss=cross_entropy), params
     if method == "fomaml":
         return MAML(net, inner=gd, estimator=estimators.FirstOrder(), loss=cross_entropy), params
+    if method == "reptile":
+        return MAML(net, inner=gd, estimator=estimators.Reptile(), loss=cross_entropy), params
+    if method == "imaml":
+        cg = linear.CG(max_steps=5, rtol=0.1, atol=1e-6)
+        imaml = estimators.IMAML(lam=2.0 if lam is None else lam, linear_solver=cg, hvp="reverse")
+        return MAML(net, inner=gd, estimator=imaml, loss=cross_entropy), params
+    if method == "esj":
+        esj = estimators.ESJ(directions=directions, smoothing=smoothing, seed=seed)
+        return ANIL(net, head=("head",), inner=gd, estimator=esj, loss=cross_entropy), params
     if method == "anil":
         return ANIL(net, head=("head",), inner=gd, loss=cross_entropy), params
     if method == "metasgd":
-        learner = MetaSGD(net, inner=LearnedSGD(steps=inner_steps), init_lr=inner_lr, loss=cross_entropy)
+        learner = MetaSGD(net, inner=LearnedSGD(steps=steps), init_lr=inner_lr, loss=cross_entropy)
         return learner, learner.init_hparams(params)
     if method == "shared-ridge":
         return SharedEmbedding(net, head=RidgeHead(lam=1.0 if lam is None else lam)), params

@@ -31,8 +31,8 @@ class Tasks(NamedTuple):
 def split(tasks: object, call: str = "meta-learner") -> tuple[Pair, Pair]:
     """``((support_x, support_y), (query_x, query_y))`` of a meta-batch, checked.
 
-    Raises a clear error when an attribute is missing, the meta-batch is empty or the
-    tensors disagree on the number of tasks or of points.
+    Raises a clear error when an attribute is missing, the meta-batch is empty, a task has no
+    support or no query point, or the tensors disagree on the number of tasks or of points.
     """
     names = ("support_x", "support_y", "query_x", "query_y")
     missing = [n for n in names if not isinstance(getattr(tasks, n, None), Tensor)]
@@ -50,6 +50,10 @@ def split(tasks: object, call: str = "meta-learner") -> tuple[Pair, Pair]:
     if any(t.shape[0] != count for t in (sy, qx, qy)):
         raise ValueError(f"{call}: the task tensors disagree on the number of tasks: "
                          f"{[t.shape[0] for t in (sx, sy, qx, qy)]}.")
+    if sx.shape[1] < 1 or qx.shape[1] < 1:
+        raise ValueError(f"{call}: every task needs at least one support and one query point; got "
+                         f"{sx.shape[1]} support and {qx.shape[1]} query points (shapes {tuple(sx.shape)} and "
+                         f"{tuple(qx.shape)}). Fix: sample the tasks with shots >= 1 and queries >= 1.")
     if sx.shape[1] != sy.shape[1] or qx.shape[1] != qy.shape[1]:
         raise ValueError(f"{call}: inputs and targets disagree on the number of points: support "
                          f"{sx.shape[1]} vs {sy.shape[1]}, query {qx.shape[1]} vs {qy.shape[1]}.")

@@ -93,6 +93,14 @@ def data_root(given: Path | None) -> Path:
     return Path(env) if env else Path("..") / "shared" / "data"
 
 
+def _load() -> str:
+    """The 1-minute load average, or "n/a" where the platform has none."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return "n/a"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``bilevel hpo``; returns the exit status (1 when the data cannot be read)."""
     names = parse_methods(args.method, args.problem)
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err).removeprefix("bilevel hpo: ")) from None
     root = data_root(args.data) / _DATA[args.problem]
     torch.set_num_threads(args.threads)
+    load_before = _load()
     try:
         if args.problem == "logreg-a9a":
             splits = a9a_splits(root, n_train=n_train, n_val=n_val, seed=args.seed)
@@ -134,6 +143,21 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"bilevel hpo: error: {err}", file=sys.stderr)
         return 1
+    settings = (f"Settings: --problem {args.problem} --method {','.join(names)} --n-train {n_train} --n-val {n_val} "
+                f"--seed {cfg.seed} --steps {cfg.steps}"
+                + (f" --time-limit {cfg.time_limit:g}" if cfg.time_limit < float("inf") else "")
+                + f" --outer-lr {cfg.outer_lr:g} "
+                f"--inner-steps {cfg.inner_steps} --linear-steps {cfg.linear_steps} --batch-size {cfg.batch_size}"
+                + (f" --inner-lr {cfg.inner_lr:g}" if cfg.inner_lr else "")
+                + (f" --corruption {args.corruption:g} --classifier {args.classifier} --n-test {args.n_test}"
+                   + (f" --hidden {args.hidden}" if args.classifier == "mlp" else "")
+                   if args.problem == "hyperclean-mnist" else "")
+                + (f" --eval-every {cfg.eval_every}" if cfg.eval_every != 1 else "")
+                + f"; torch threads {args.threads}; load average (1 min) {load_before} at the start, "
+                f"{_load()} at the end.")
+    with open(out / "results.md", "a") as fh:  # what produced the numbers, for the record
+        fh.write("\n" + settings + "\n")
     print(markdown_table(table))
+    print(settings)
     print(f"wrote {out / 'curves.csv'}, {out / 'curves.png'}, {out / 'results.md'}")
     return 0
