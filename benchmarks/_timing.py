@@ -1,7 +1,7 @@
 """Timing and reporting helpers shared by the benchmark runners (``run_core``, ``run_compile``, ...).
 
 * :func:`best_of` — interleaved best-of-``repeat`` timing of several calls (wall or thread clock);
-* :func:`cpu_seconds` — CPU seconds of this process and its finished children (compiler subprocesses);
+* :func:`cpu_seconds` — CPU seconds of this process and all its descendants (compiler subprocesses, compile workers);
 * :func:`run_note` — the "Produced by ``command`` on ... (machine, torch, clock, load)" line under a table;
 * :func:`write_between_markers` — put a table into a markdown file between two HTML-comment markers;
 * :func:`markdown_table`, :func:`publish`, :func:`runner_parser` — the table, its note and file, the
@@ -45,9 +45,42 @@ def best_of(fns: dict[str, Callable[[], object]], repeat: int = 7,
 
 
 def cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process and of its children that have finished."""
+    """CPU seconds (user + system) of this process and all its descendants: the children that
+    have finished (``getrusage``) and, on Linux, those still running (read from ``/proc``), such
+    as the compile workers of inductor's subprocess pool, whose C++ compiler runs would otherwise
+    be counted only when the pool exits."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + _live_descendants_seconds()
+
+
+def _live_descendants_seconds() -> float:
+    """CPU seconds of the running descendants of this process and of their finished children
+    (``/proc/PID/stat`` fields utime, stime, cutime, cstime); 0.0 where ``/proc`` is missing."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(name)
+        parent[pid] = int(fields[1])
+        ticks[pid] = sum(int(v) for v in fields[11:15])
+    me, total = os.getpid(), 0
+    for pid in ticks:
+        p, seen = parent.get(pid), 0
+        while p not in (None, 0, 1, me) and seen < 64:
+            p, seen = parent.get(p), seen + 1
+        if p == me and pid != me:
+            total += ticks[pid]
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_note(command: str, started: str, details: str, load: bool = True) -> str:

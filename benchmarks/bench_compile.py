@@ -10,8 +10,9 @@ torch.func reference of :mod:`benchmarks._reference` does the same arithmetic. M
 * ``track_speedup``: reference time / compiled time, best of :data:`REPEAT` interleaved runs in
   one process (targets: >= 5 at d = 200, >= 3 at d = 2000; MAML: eager / compiled >= 1.5).
 * ``track_compile_s``: ``hg.stats["compile_s"]`` of the first call in a fresh process with torch's
-  on-disk compile caches off (target: <= 15 s per problem shape), and ``track_compile_cpu_s``,
-  the CPU seconds of that call including the C++ compiler's (steadier on a loaded machine).
+  on-disk compile caches off and an empty kernel cache (target: <= 15 s per problem shape), and
+  ``track_compile_cpu_s``, the CPU seconds of that call including the C++ compiler's (steadier on a
+  loaded machine).
 
 The ``track_*`` numbers come from one worker process per parameter combination
 (``python -m benchmarks.run_compile --worker DIM CONFIG``), run in ``setup_cache``.
@@ -21,10 +22,8 @@ without asv; ``docs/compile.md`` has the latest one.
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -35,11 +34,20 @@ REPEAT = 7
 
 
 def _worker(dim: int, config: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.run_compile", "--worker", str(dim), config, "--repeat", str(REPEAT)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """One row of :mod:`benchmarks.run_compile`: a fresh worker process with a fresh kernel cache
+    (only what inductor builds once per machine is kept, see ``run_compile.machine_template``)."""
+    from .run_compile import run_worker
+    args = argparse.Namespace(repeat=REPEAT, clock="thread", warm_disk_cache=False, timeout=3000.0)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, check=True, timeout=3000)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    cwd = os.getcwd()
+    os.chdir(root)  # the worker runs ``python -m benchmarks.run_compile``
+    try:
+        row = run_worker(dim, config, args)
+    finally:
+        os.chdir(cwd)
+    if row is None:
+        raise RuntimeError(f"benchmarks.run_compile --worker {dim} {config} failed")
+    return row
 
 
 class CompiledRidgeTimes:

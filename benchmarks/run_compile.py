@@ -76,7 +76,7 @@ def worker(dim: int, config: str, repeat: int, clock_name: str, warm_disk_cache:
     clock = time.thread_time if clock_name == "thread" else time.perf_counter
     name, gran, chunk, hvp, dynamic = parse_options(config)
     if name.startswith("MAML:"):
-        return maml_worker(int(name.split(":")[1]), gran, chunk, repeat, clock)
+        return maml_worker(int(name.split(":")[1]), gran, chunk, repeat, clock, warm_disk_cache)
     if name == "HVP":
         return hvp_worker(dim, gran, repeat, clock)
     from ._reference import exact_solution, hypergrad_call, library_estimator, make_case, reference_call
@@ -94,13 +94,14 @@ def worker(dim: int, config: str, repeat: int, clock_name: str, warm_disk_cache:
     diff = ((first.value["log_lam"] - eager.value["log_lam"]).norm() / eager.value["log_lam"].norm()).item()
     best = best_of({"compiled": hypergrad_call(case, compiled), "eager": hypergrad_call(case, plain),
                     "reference": reference_call(name, case)}, repeat, clock=clock)
-    return dict(dim=dim, config=config, compile_s=first.stats["compile_s"], first_call_s=first_wall,
+    return dict(dim=dim, config=config + (" (warm disk cache)" if warm_disk_cache else ""),
+                compile_s=first.stats["compile_s"], first_call_s=first_wall,
                 compile_cpu_s=first_cpu, second_compile_s=second.stats["compile_s"], rel_diff=diff,
                 shape_compile_s=shape.stats["compile_s"], shape_compile_cpu_s=shape_cpu,
                 status=first.result.name, load=os.getloadavg()[0], **{f"{k}_ms": v * 1e3 for k, v in best.items()})
 
 
-def maml_worker(steps: int, gran: str, chunk: int, repeat: int, clock) -> dict:
+def maml_worker(steps: int, gran: str, chunk: int, repeat: int, clock, warm_disk_cache: bool = False) -> dict:
     import torch
     from torch import nn
 
@@ -128,7 +129,8 @@ def maml_worker(steps: int, gran: str, chunk: int, repeat: int, clock) -> dict:
     best = best_of({"compiled": lambda: compiled.meta_gradient(theta, tasks),
                     "eager": lambda: eager.meta_gradient(theta, tasks),
                     "reference": calls["reference"]}, repeat, clock=clock)
-    return dict(dim=0, config=f"MAML N={steps}/{gran}" + (f":{chunk}" if gran == "chunk" else ""),
+    return dict(dim=0, config=f"MAML N={steps}/{gran}" + (f":{chunk}" if gran == "chunk" else "")
+                + (" (warm disk cache)" if warm_disk_cache else ""),
                 compile_s=first.hypergrad.stats["compile_s"], first_call_s=first_wall, compile_cpu_s=first_cpu,
                 second_compile_s=second.hypergrad.stats["compile_s"], rel_diff=diff,
                 shape_compile_s=shape.hypergrad.stats["compile_s"], shape_compile_cpu_s=shape_cpu,
@@ -224,7 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render", default=None, help="make the table from the rows of a --json file instead of "
                         "measuring")
     parser.add_argument("--worker", nargs=2, metavar=("DIM", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--prime", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.prime:
+        prime()
+        return
     if args.worker:
         print(json.dumps(worker(int(args.worker[0]), args.worker[1], args.repeat, args.clock, args.warm_disk_cache)))
         return
@@ -246,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {row['config']:28s} d={dim:5d}  ref {row['reference_ms']:7.1f} ms  eager {row['eager_ms']:7.1f} ms  "
               f"compiled {row['compiled_ms']:7.2f} ms  compile {row['compile_s']:6.1f} s  load {row.get('load', 0):.1f}",
               file=sys.stderr, flush=True)
+    for path in _template:
+        shutil.rmtree(path, ignore_errors=True)
     caches = "on" if args.warm_disk_cache else "off (a fresh kernel cache per worker)"
     details = f"one thread, best of {args.repeat}, {args.clock} clock, on-disk compile caches {caches}"
     if args.render:
@@ -253,23 +261,56 @@ def main(argv: list[str] | None = None) -> None:
     publish("benchmarks.run_compile", argv, table(rows), started, details, args.out, BEGIN, END, load=not args.render)
 
 
+_template: list[str] = []
+
+
+def machine_template(timeout: float) -> str:
+    """An inductor cache directory holding only what inductor builds once per machine, whatever
+    the problem (made once per run, in a separate process): the test programs with which it picks
+    the SIMD instruction set (about ten C++ compiler runs, 7-10 CPU seconds here, done in every
+    process whose cache directory lacks them) and the precompiled C++ headers of its Python and C++
+    wrappers (about 5 and 7 CPU seconds, kept in the default cache directory whatever
+    ``TORCHINDUCTOR_CACHE_DIR`` says). No kernel of the benchmarked problems is in it."""
+    if _template:
+        return _template[0]
+    path = tempfile.mkdtemp(prefix="bilevel-compile-machine-")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": path}
+    started = cpu_seconds()
+    subprocess.run([sys.executable, "-m", "benchmarks.run_compile", "--prime"], env=env, timeout=timeout,
+                   check=True, capture_output=True)
+    print(f"  per-machine compiler setup (SIMD checks, precompiled headers): {cpu_seconds() - started:.1f} CPU s",
+          file=sys.stderr, flush=True)
+    _template.append(path)
+    return path
+
+
+def prime() -> None:
+    """Build what inductor builds once per machine (see :func:`machine_template`), with a function
+    unlike any benchmarked one."""
+    import torch
+
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    pick_vec_isa()
+    x = torch.ones(3)
+    for wrapper in (False, True):
+        torch._dynamo.reset()
+        torch.compile(lambda t: (t * 2.5).exp(), options={"cpp_wrapper": wrapper})(x)
+
+
 def run_worker(dim: int, config: str, args: argparse.Namespace) -> dict | None:
     """One configuration in a fresh worker process; ``None`` (and a message) if it failed or timed out.
 
-    Unless ``--warm-disk-cache``, the worker gets an empty inductor cache directory holding only the
-    precompiled C++ header of the default one (built once per machine), so that its compile time is
-    what a new problem shape costs: every C++ kernel is compiled, none is found on disk.
+    Unless ``--warm-disk-cache``, the worker gets a fresh inductor cache directory holding only what
+    inductor builds once per machine (:func:`machine_template`), so that its compile time is what a
+    new problem shape costs in a new process: every C++ kernel is compiled, none is found on disk.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "benchmarks.run_compile", "--worker", str(dim), config, "--repeat",
            str(args.repeat), "--clock", args.clock] + (["--warm-disk-cache"] if args.warm_disk_cache else [])
     scratch = None
     if not args.warm_disk_cache:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
         scratch = tempfile.mkdtemp(prefix="bilevel-compile-")
-        headers = os.path.join(cache_dir(), "precompiled_headers")
-        if os.path.isdir(headers):
-            shutil.copytree(headers, os.path.join(scratch, "precompiled_headers"))
+        shutil.copytree(machine_template(args.timeout), scratch, dirs_exist_ok=True)
         env["TORCHINDUCTOR_CACHE_DIR"] = scratch
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True)

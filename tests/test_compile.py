@@ -19,7 +19,7 @@ import torch
 
 import bilevel as bl
 from bilevel import _runner
-from bilevel.compile import _unit, compiled
+from bilevel.compile import _backend, _unit, compiled
 from bilevel.testing import quadratic_problem, ridge_problem
 
 STEPS, CHUNK = 4, 2
@@ -115,7 +115,7 @@ def test_every_estimator_matches_eager_with_inductor(problems, name, dtype):
 
 
 def test_large_matrix_vector_products_go_to_blas_with_the_same_numbers():
-    from bilevel.compile._unit import BLAS_MV_ENTRIES, _mv
+    from bilevel.compile._backend import BLAS_MV_ENTRIES, _mv
     gen = torch.Generator().manual_seed(0)
     for rows in (3, BLAS_MV_ENTRIES // 64):
         a, x = torch.randn(rows, 64, generator=gen, dtype=torch.float64), torch.randn(64, generator=gen, dtype=torch.float64)
@@ -126,7 +126,7 @@ def test_large_matrix_vector_products_go_to_blas_with_the_same_numbers():
 def test_inductor_with_blas_matrix_vector_products_matches_eager(monkeypatch):
     # Every matrix-vector product goes to BLAS (the threshold lowered to one entry), so a small
     # problem exercises the path a large one takes (about 1 M entries and up), with batches, in float32.
-    monkeypatch.setattr(_unit, "BLAS_MV_ENTRIES", 1)  # read when a unit is traced; these shapes are new here
+    monkeypatch.setattr(_backend, "BLAS_MV_ENTRIES", 1)  # read when a unit is traced; these shapes are new here
     r = ridge_problem(n_samples=24, dim=6, seed=1, dtype=torch.float32)
     inner = bl.GradientDescent(lr=0.2, steps=STEPS)
     plain = bl.FirstOrder()  # its chunks hold both products of a gradient step, X w and X^T r
@@ -134,6 +134,56 @@ def test_inductor_with_blas_matrix_vector_products_matches_eager(monkeypatch):
     eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=plain, **kw)
     fast = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=bl.Compiled(plain, chunk=CHUNK), **kw)
     assert rel(fast.value, eager.value) <= 1e-5 and rel(fast.params, eager.params) <= 1e-5
+
+
+def test_library_products_count_matrix_results_and_large_matrix_vector_products(monkeypatch):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(a, b, m, v):
+        return a @ b, torch.nn.functional.linear(a, b), m @ v, torch.mm(a, b.T).sum()
+
+    gen = torch.Generator().manual_seed(0)
+    a, b, m, v = (torch.randn(*s, generator=gen) for s in ((3, 4), (4, 4), (5, 4), (4,)))
+    torch.compile(fn, backend=capture, fullgraph=True)(a, b, m, v)  # (no dynamo.reset: it drops compile_s's clock)
+    assert _backend.library_products(graphs[0]) == 3  # the matrix-vector product is inductor's own loop
+    monkeypatch.setattr(_backend, "BLAS_MV_ENTRIES", 20)  # ... unless its matrix is large
+    assert _backend.library_products(graphs[0]) == 4
+    assert _backend.wants_cpp_wrapper(graphs[0], [a, b, m, v])
+    monkeypatch.setattr(_backend, "CPP_WRAPPER_MIN_PRODUCTS", 5)
+    assert not _backend.wants_cpp_wrapper(graphs[0], [a, b, m, v])
+
+
+def test_a_unit_with_many_products_compiles_with_the_cpp_wrapper_and_matches_eager(monkeypatch):
+    # Every matrix-vector product of the ridge problem goes to BLAS (threshold lowered to one entry), so
+    # the whole-estimator unit of ITD holds several library products and is compiled by inductor's C++
+    # wrapper; its hypergradient must be the eager one, in float32, and the chunked units of a small
+    # problem (no library product) keep the Python wrapper.
+    chosen = []
+    decide = _backend.wants_cpp_wrapper
+
+    def spy(gm, example_inputs):
+        chosen.append(decide(gm, example_inputs))
+        return chosen[-1]
+
+    monkeypatch.setattr(_backend, "wants_cpp_wrapper", spy)
+    monkeypatch.setattr(_backend, "BLAS_MV_ENTRIES", 1)
+    r = ridge_problem(n_samples=24, dim=7, seed=2, dtype=torch.float32)
+    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=r.train, outer_batch=r.val, throw=False)
+    eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=bl.ITD(), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # compiled, not a fallback to eager
+        fast = bl.hypergrad(r.problem, r.hparams(), r.params0(),
+                            estimator=bl.Compiled(bl.ITD(), granularity="estimator"), **kw)
+    assert chosen == [True] and fast.stats["compile_s"] > 0
+    assert rel(fast.value, eager.value) <= TOL[torch.float32] and rel(fast.params, eager.params) <= TOL[torch.float32]
+    monkeypatch.setattr(_backend, "BLAS_MV_ENTRIES", 1 << 20)
+    chosen.clear()
+    check_same(quadratic_problem(dim_y=4, dim_x=2, seed=3, learned_init=True), "FirstOrder", backend="inductor")
+    assert chosen and not any(chosen)
 
 
 @pytest.mark.parametrize("name", ["AID-CG", pytest.param("IMAML", marks=pytest.mark.slow)])

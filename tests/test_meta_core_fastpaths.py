@@ -3,7 +3,8 @@
 ``loop_run`` forms the per-step squared gradient norm with one norm per leaf when ``tol`` is None
 and finds the first NaN/inf step with ``v - v != 0``; ``vmap_hypergrad`` checks the values once
 after its ``vmap`` with ``v * 0`` sums. Each is compared with the straightforward check it
-replaces (``tree_dot``, ``torch.isfinite`` step by step, ``torch.isfinite`` per task).
+replaces (``tree_dot``, ``torch.isfinite`` step by step, ``torch.isfinite`` per task). ITD's
+stacked scalars (``Estimate.packed``) are compared with the same estimate returned field by field.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bilevel as bl
+import bilevel.estimators.itd as itd
 from bilevel._tree import tree_dot
+from bilevel.datasets import Sinusoid
 from bilevel.inner._base import _first_bad, _sq_norm
 
 SPECIAL = st.sampled_from([0.0, 1.5, -2.0, 1e300, math.inf, -math.inf, math.nan])
@@ -96,3 +99,35 @@ def test_vmap_hypergrad_flags_exactly_the_tasks_with_a_nonfinite_value() -> None
     hg = bl.vmap_hypergrad(problem, {"c": c * math.nan}, inner=bl.GradientDescent(lr=1.0, steps=1),
                            estimator=bl.ITD(), outer_batch=targets, in_dims=(None, None, None, 0), throw=False)
     assert all(r is bl.RESULTS.inner_nonfinite for r in hg.task_results)
+
+
+@pytest.mark.parametrize("lr", [0.05, 30.0, 1e20])  # succeeds; diverges; NaN at step 1
+@pytest.mark.parametrize("tol", [None, 1e-3])
+def test_itd_packed_scalars_report_what_the_unpacked_fields_report(monkeypatch, lr, tol) -> None:
+    # ITD stacks its scalar diagnostics into Estimate.packed (pack_scalars); with packing switched
+    # off it returns them field by field. Values, statistics, statuses and messages must agree.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    maml = bl.meta.MAML(net, inner=bl.GradientDescent(lr=lr, steps=4, tol=tol))
+    theta = maml.init_hparams()
+    tasks = Sinusoid(shots=5).sample(3, seed=0)
+
+    def run():
+        try:
+            return maml.meta_gradient(theta, tasks).hypergrad, None
+        except bl.BilevelError as err:
+            return err.hypergrad, str(err)
+
+    packed, packed_message = run()
+    monkeypatch.setattr(itd, "pack_scalars", lambda *args: None)
+    plain, plain_message = run()
+    assert packed_message == plain_message
+    assert (packed_message is None) == (lr < 1 and tol is None)  # tol=1e-3 is not reached in 4 steps
+    assert packed.task_results == plain.task_results
+    same = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # noqa: E731 - bitwise, NaN = NaN
+    for key in ("inner_steps", "linear_steps", "residual"):
+        same(packed.stats[key], plain.stats[key])
+    for key in plain.value:
+        same(packed.value[key], plain.value[key])
+        same(packed.params[key], plain.params[key])
+    same(packed.outer_value, plain.outer_value)

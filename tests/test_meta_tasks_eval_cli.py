@@ -186,3 +186,44 @@ def test_meta_train_command_usage_errors(tmp_path) -> None:
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         main(["meta-train", "--method", "protonet"])
+
+
+def test_recorded_command_reproduces_the_run_however_it_was_started(tmp_path, monkeypatch) -> None:
+    """Regression: ``python -m bilevel.meta.cli ...`` was recorded as ``bilevel --task ...`` (no
+    ``meta-train``), and a call from Python recorded whatever ``sys.argv`` held."""
+    import argparse
+    import shlex
+
+    from bilevel._cli import build_parser
+    from bilevel.meta import cli as meta_cli
+
+    monkeypatch.setattr("sys.argv", ["/somewhere/pytest", "-q", "--unrelated"])
+    args = ["--task", "sinusoid", "--method", "fomaml", "--iterations", "2", "--meta-batch", "2", "--val-every", "1",
+            "--eval-tasks", "4", "--minutes", "5", "--drop-failed-tasks", "--no-progress", "--out", str(tmp_path)]
+    assert meta_cli.main(args) == 0  # the python -m entry point, without "meta-train"
+    command = json.loads((tmp_path / "results.json").read_text())["command"]
+    assert command.startswith("bilevel meta-train ") and "unrelated" not in command
+    assert f"Command: `{command}`" in (tmp_path / "results.md").read_text()
+
+    def parsed(argv: list[str]) -> dict:
+        return {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k not in ("func", "meta_train_parser")}
+
+    words = shlex.split(command)
+    assert words[0] == "bilevel"
+    assert parsed(words[1:]) == parsed(["meta-train", *args])
+    assert isinstance(build_parser().parse_args(words[1:]), argparse.Namespace)
+
+
+def test_a_method_the_sinusoid_task_lacks_is_a_usage_error_before_any_work(tmp_path, capsys) -> None:
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["meta-train", "--task", "sinusoid", "--method", "shared-softmax", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--method shared-softmax --task sinusoid" in err and "Traceback" not in err
+    assert "maml|fomaml|reptile|anil|metasgd|imaml|esj|shared-ridge" in err and "--task omniglot" in err
+    assert not out.exists()  # nothing was trained or written
+    with pytest.raises(SystemExit) as exit_info:  # the python -m entry point reports it the same way
+        from bilevel.meta import cli as meta_cli
+        meta_cli.main(["--task", "sinusoid-freq", "--method", "shared-softmax", "--out", str(out)])
+    assert exit_info.value.code == 2 and "--task sinusoid-freq" in capsys.readouterr().err

@@ -23,7 +23,6 @@ warning that names it and says why.
 from __future__ import annotations
 
 import collections
-import functools
 import types
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -36,7 +35,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.func import vjp, vmap
 
 from .. import _runner
-from . import _fallback
+from . import _backend, _fallback
 from ._fallback import describe, is_compiler_failure, warn_once
 
 #: ``("vmap", in_dims, randomness)`` or ``("vjp", in_mask, out_mask)``.
@@ -241,59 +240,13 @@ def _compile(unit: Unit) -> Any:
     fresh = types.FunctionType(code, call.__globals__, name, None, call.__closure__)
     opts = unit.options
     try:
-        backend, mode = (_inductor(opts), None) if opts.backend == "inductor" else (opts.backend, opts.mode)
+        backend, mode = (_backend.inductor_backend(opts), None) if opts.backend == "inductor" else (opts.backend, opts.mode)
         return torch.compile(fresh, fullgraph=True, dynamic=opts.dynamic, backend=backend, mode=mode,
                              options={"guard_filter_fn": _guard_filter})
     except Exception as err:  # noqa: BLE001 - e.g. an unknown backend, or an unsupported Python / torch
         warn_once(("compile", opts), f"bl.Compiled: torch.compile is not usable here ({describe(err)}). "
                   "Running eagerly instead (same numbers, eager speed).")
         return _FAILED
-
-
-def _inductor(opts: Options) -> Callable:
-    """Inductor, with large matrix-vector products left to BLAS (see :func:`_mv`).
-
-    The AOT-autograd cache, whose key does not see the decomposition table, is off for these
-    compilations; inductor's own FX-graph cache, keyed on the decomposed graph, stays on.
-    """
-    from torch._functorch import config as functorch_config
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = list_mode_options(opts.mode, opts.dynamic) if opts.mode else {}
-
-    def inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        with functorch_config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, config_patches=patches, decompositions=_decompositions())
-
-    return inductor
-
-
-#: Matrices with at least this many entries go to BLAS in a matrix-vector product (see :func:`_mv`).
-BLAS_MV_ENTRIES = 1 << 20
-
-
-def _mv(matrix: Tensor, vector: Tensor) -> Tensor:
-    """``aten.mv`` for inductor: BLAS (as a one-column ``mm``) for a large matrix, else inductor's own
-    multiply-and-sum loop, which it fuses with its neighbours.
-
-    Measured on the ridge benchmark (one thread, float32): for a 1000 x 200 matrix the fused loop
-    matched BLAS; for 1000 x 2000 it took about twice as long per gradient step.
-    """
-    size = matrix.numel()
-    if isinstance(size, int) and size >= BLAS_MV_ENTRIES:
-        return torch.ops.aten.mm.default(matrix, vector.unsqueeze(1)).squeeze(1)
-    from torch._decomp.decompositions import mv
-    return mv(matrix, vector)
-
-
-@functools.cache
-def _decompositions() -> dict:
-    from torch._inductor.decomposition import select_decomp_table
-
-    table = dict(select_decomp_table())
-    table[torch.ops.aten.mv.default] = _mv
-    return table
 
 
 def _guard_filter(entries: Any) -> list[bool]:

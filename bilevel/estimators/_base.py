@@ -41,21 +41,68 @@ def resolve_hvp(mode: HVPMode, like: Tensor | None = None) -> Literal["forward",
 
 
 class Estimate(NamedTuple):
-    """The tensors an estimator returns (a pytree, so it can leave ``vmap``)."""
+    """The tensors an estimator returns (a pytree, so it can leave ``vmap``).
+
+    ``packed``: an estimator may return its scalars stacked into one tensor (:func:`pack_scalars`:
+    ``inner_grad_norm, inner_loss0, inner_loss, code, inner_steps, inner_bad_step, outer_value``
+    along the last dimension, the integers as exact floats), with the first six of these fields
+    and ``linear_steps``, ``residual`` set to ``None`` (no linear solve: zeros); ``outer_value``
+    may be ``None`` too. Every tensor and every container leaving a ``grad(has_aux=True)`` or a
+    ``vmap`` is handled one by one, in Python, by both transforms (tens of thousands of
+    instructions each under callgrind), a large share of ITD's overhead over a hand-written
+    ``vmap(grad)`` at the MAML sinusoid size (docs/results.md, "Performance: MAML meta-step").
+    :meth:`unpacked` restores the fields (views of the stack) once the transforms are left;
+    :func:`bilevel.hypergrad` calls it before anything reads them.
+    """
 
     value: Params
     params: Params
-    code: Tensor
-    outer_value: Tensor
-    inner_steps: Tensor
-    inner_grad_norm: Tensor
-    inner_loss0: Tensor
-    inner_loss: Tensor
-    inner_bad_step: Tensor
-    linear_steps: Tensor
-    residual: Tensor
+    code: Tensor | None
+    outer_value: Tensor | None
+    inner_steps: Tensor | None
+    inner_grad_norm: Tensor | None
+    inner_loss0: Tensor | None
+    inner_loss: Tensor | None
+    inner_bad_step: Tensor | None
+    linear_steps: Tensor | None
+    residual: Tensor | None
     adjoint: Params | None
     info: dict[str, Tensor]
+    packed: Tensor | None = None
+
+    def unpacked(self) -> "Estimate":
+        """The estimate with the fields of ``packed`` filled in (itself when nothing is packed)."""
+        if self.packed is None:
+            return self
+        grad_norm, loss0, loss, *ints, outer_value = self.packed.unbind(-1)
+        code, steps, bad_step = torch.stack(ints).long().unbind()
+        outer_value = outer_value if self.outer_value is None else self.outer_value
+        return self._replace(code=code, inner_steps=steps, inner_grad_norm=grad_norm, inner_loss0=loss0,
+                             inner_loss=loss, inner_bad_step=bad_step, linear_steps=torch.zeros_like(code),
+                             outer_value=outer_value, residual=torch.zeros_like(outer_value), packed=None)
+
+
+#: Integers up to this size are exact in float32 (the smallest dtype :func:`pack_scalars` packs into).
+_EXACT_INT = 2 ** 24
+
+
+def pack_scalars(sol: InnerSolution, outer_value: Tensor, max_steps: int) -> Tensor | None:
+    """An inner solution's scalar diagnostics and the outer value stacked for :attr:`Estimate.packed`,
+    or ``None`` where the stack would not hold them exactly: floats of different dtypes (stacking
+    promotes), a dtype other than float32/float64, or more than 2**24 steps (step counts must be
+    exact floats)."""
+    dtype = sol.grad_norm.dtype
+    if dtype not in (torch.float32, torch.float64) or max_steps >= _EXACT_INT \
+            or any(t.dtype != dtype for t in (sol.loss0, sol.loss, outer_value)):
+        return None
+    # the integers promote to dtype, exactly
+    return torch.stack([sol.grad_norm, sol.loss0, sol.loss, sol.code, sol.steps, sol.bad_step, outer_value])
+
+
+def packed_fields() -> dict[str, None]:
+    """The :class:`Estimate` fields that :func:`pack_scalars` replaces (``None`` with ``packed`` set)."""
+    return dict(code=None, inner_steps=None, inner_grad_norm=None, inner_loss0=None, inner_loss=None,
+                inner_bad_step=None, linear_steps=None, residual=None)
 
 
 class Counts(NamedTuple):

@@ -55,7 +55,9 @@ class IMAML(AbstractEstimator):
         lam: proximal strength :math:`\lambda > 0` (default 1.0); larger keeps the
             adapted parameters closer to ``init(x)``.
         linear_solver: solver for the damped system, default ``CG()``.
-        hvp: ``"forward"`` (default) or ``"reverse"`` Hessian-vector products, as in AID.
+        hvp: Hessian-vector products as in :class:`~bilevel.AID`: ``"auto"`` (default:
+            reverse-over-reverse on CPU, forward-over-reverse elsewhere; see
+            :func:`~bilevel.estimators._base.resolve_hvp`), ``"forward"`` or ``"reverse"``.
 
     Reference: A. Rajeswaran, C. Finn, S. Kakade, S. Levine, "Meta-learning with
     implicit gradients", NeurIPS 2019, eq. (5) and Algorithm 2.
@@ -63,12 +65,12 @@ class IMAML(AbstractEstimator):
     Example:
         >>> import bilevel as bl
         >>> bl.IMAML(lam=2.0, linear_solver=bl.CG(max_steps=5))
-        IMAML(lam=2.0, linear_solver=CG(max_steps=5, rtol=1e-10, atol=0.0), hvp='forward')
+        IMAML(lam=2.0, linear_solver=CG(max_steps=5, rtol=1e-10, atol=0.0), hvp='auto')
     """
 
     lam: float = 1.0
     linear_solver: AbstractLinearSolver = field(default_factory=CG)
-    hvp: HVPMode = "forward"
+    hvp: HVPMode = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not (self.lam > 0):
@@ -94,7 +96,8 @@ class IMAML(AbstractEstimator):
         gx, gy, outer_value = outer_grads(prox, hparams, sol.params, outer_batch)
         batch = batch_at(inner_batch, inner.steps)  # a Sampler: one fresh draw for the linear system, as in AID
         lin, value = with_hvp_fallback(self, lambda mode: _implicit(prox, hparams, sol.params, batch,
-                                                                    gx, gy, self.linear_solver, adjoint0, mode))
+                                                                    gx, gy, self.linear_solver, adjoint0, mode),
+                                       like=next(iter(gy.values())))
         estimate = Estimate(value=value, params=sol.params, code=first_failure(sol.code, lin.code),
                             outer_value=outer_value, adjoint=lin.value, info=lin.info, linear_steps=lin.steps,
                             residual=lin.residual, **inner_fields(sol))

@@ -13,7 +13,7 @@ from .._problem import BilevelProblem
 from .._tree import Batch, Params, tree_add, tree_detach, tree_zeros_like
 from ..inner._base import AbstractInnerSolver, LoopState, loop_finish, loop_run, loop_start
 from ._base import (AbstractEstimator, Counts, Estimate, inner_counts, inner_fields, inner_grad_fn,
-                    no_linear, outer_grads, start_of)
+                    no_linear, outer_grads, pack_scalars, packed_fields, start_of)
 
 
 @dataclass(frozen=True)
@@ -116,11 +116,23 @@ class ITD(AbstractEstimator):
             loop = loop_run(inner, loop, grad_fn, n - k, n)
             sol = loop_finish(inner, loop, grad_fn, check_growth=not is_stochastic(inner_batch))
             value = problem.outer_value(x, sol.params, outer_batch)
-            return value, (sol.params, inner_fields(sol), sol.code)
+            # The scalar diagnostics leave the transforms stacked (Estimate.packed): one aux
+            # tensor instead of six, each unwrapped through grad and the caller's vmap.
+            packed = pack_scalars(sol, value, n)
+            if packed is None:
+                return value, (sol.params, inner_fields(sol), sol.code)
+            keys.extend(sol.params)
+            return value, (*sol.params.values(), packed)  # a flat tuple: no dict to unwrap
 
-        value, (outer_value, (params, fields, code)) = grad_and_value(phi, has_aux=True)(hparams)
-        estimate = Estimate(value=value, params=params, code=code, outer_value=outer_value,
-                            adjoint=None, info={}, **fields, **no_linear(outer_value))
+        keys: list[str] = []
+        value, (outer_value, aux) = grad_and_value(phi, has_aux=True)(hparams)
+        if keys:
+            estimate = Estimate(value=value, params=dict(zip(keys, aux[:-1])), outer_value=outer_value,
+                                adjoint=None, info={}, packed=aux[-1], **packed_fields())
+        else:  # not packed (see pack_scalars)
+            params, fields, code = aux
+            estimate = Estimate(value=value, params=params, code=code, outer_value=outer_value,
+                                adjoint=None, info={}, **fields, **no_linear(outer_value))
         return estimate, Counts(num_grad=inner_counts(inner) + 1, num_hvp=k)
 
     def _run_checkpointed(self, problem: BilevelProblem, hparams: Params, params0: Params | None,

@@ -26,7 +26,7 @@ from .train import Trainer, describe
 METHODS = ("maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "esj", "shared-ridge")
 TASKS = ("sinusoid", "sinusoid-freq", "omniglot")
 #: Inner steps per method when --inner-steps is not given (Reptile and iMAML need several).
-DEFAULT_STEPS = {"reptile": 5, "imaml": 10}
+DEFAULT_STEPS = {"reptile": 5, "imaml": 40}
 EVAL_SEED = 20_170_703
 
 
@@ -57,14 +57,13 @@ def make_learner(method: str, *, inner_lr: float = 0.01, inner_steps: int | None
     if method == "reptile":
         return MAML(net, inner=gd, estimator=estimators.Reptile())
     if method == "imaml":
-        # The task losses' Hessians have eigenvalues from about -30 to several hundred (ReLU net, and
-        # meta-learned inits are sharp): lam = 20 keeps the damped system positive definite for CG, and
-        # the inner step inner_lr / 5 stays below 2 / (L + lam) for L up to ~ 1000 (inner_lr / 2 diverged
-        # after ~1000 meta-steps). Reverse-over-reverse HVPs: 3x faster than forward-over-reverse through
-        # ReLU under vmap here.
-        cg = linear.CG(max_steps=10, rtol=0.1, atol=1e-6)
-        gd = inner.GradientDescent(lr=inner_lr / 5, steps=steps)
-        return MAML(net, inner=gd, estimator=estimators.IMAML(lam=lam or 20.0, linear_solver=cg, hvp="reverse"))
+        # lam = 2 and a few CG steps as in Rajeswaran et al. 2019 (Omniglot: lam = 2.0, 5 CG steps). The inner
+        # loop is GD of the evaluation's step alpha on the proximal loss, 40 steps, so that y_N is near the
+        # proximal minimiser the implicit gradient assumes; rtol 0.5 because H + lam I is not positive definite
+        # on every task (ReLU net; tighter tolerances dropped most tasks). The implicit gradient has no brake on
+        # curvature, so the start sharpens past 2 / alpha after ~1500 meta-steps (docs/results.md, sinusoid).
+        cg = linear.CG(max_steps=10, rtol=0.5, atol=1e-6)
+        return MAML(net, inner=gd, estimator=estimators.IMAML(lam=lam or 2.0, linear_solver=cg))
     if method == "esj":
         return MAML(net, inner=gd, estimator=estimators.ESJ(directions=directions, smoothing=smoothing, seed=seed))
     if method == "anil":
@@ -122,8 +121,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--meta-batch", type=int, default=25)
     p.add_argument("--outer-lr", type=float, default=1e-3)
     p.add_argument("--inner-lr", type=float, default=0.01, help="inner step size alpha (Meta-SGD: its start)")
-    p.add_argument("--inner-steps", type=int, default=None, help="inner steps (1; reptile 5, imaml 10)")
-    p.add_argument("--lam", type=float, default=None, help="iMAML proximal strength (20) / ridge penalty (0.1)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps (1; reptile 5, imaml 40)")
+    p.add_argument("--lam", type=float, default=None, help="iMAML proximal strength (2) / ridge penalty (0.1)")
     p.add_argument("--directions", type=int, default=16, help="ESJ directions")
     p.add_argument("--smoothing", type=float, default=1e-2, help="ESJ smoothing mu")
     p.add_argument("--seed", type=int, default=0)
@@ -142,13 +141,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-progress", action="store_true")
     from .omniglot_cli import add_omniglot_arguments
     add_omniglot_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, meta_train_parser=p)
     return p
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """A ``bilevel meta-train ...`` command that reproduces the run of ``args``: every option whose
+    value differs from its default, in the parser's order (however the run was started: ``bilevel``,
+    ``python -m bilevel.meta.cli`` or :func:`bilevel._cli.main` from Python)."""
+    parser: argparse.ArgumentParser = args.meta_train_parser
+    words = ["bilevel", "meta-train"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "func", "meta_train_parser"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)  # the long form
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            words.append(flag)
+        else:
+            words += [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def run(args: argparse.Namespace) -> int:
     from .._cli import UsageError
 
+    if args.task != "omniglot" and args.method not in METHODS:
+        raise UsageError(f"--method {args.method} --task {args.task}: {args.method} is an Omniglot-only method "
+                         f"(a softmax head needs classes). The sinusoid tasks support --method "
+                         f"{'|'.join(METHODS)}. Fix: pick one of those, or pass --task omniglot.")
     for name in ("shots", "meta_batch", "eval_shots", "eval_tasks", "val_every", "checkpoint_every", "threads"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1.")
@@ -182,8 +205,7 @@ def run(args: argparse.Namespace) -> int:
     ev = evaluate(judge, trained.hparams, tasks, steps=steps)
     sinusoid_figure(judge, trained.hparams, tasks, out / "figure.png", steps=(steps[1], steps[-1]),
                     title=f"{args.method}, {args.eval_shots}-shot, after {trained.iteration} meta-steps")
-    argv = sys.argv[1:] if sys.argv[1:2] == ["meta-train"] else ["meta-train", *sys.argv[1:]]  # python -m ...cli
-    command = "bilevel " + " ".join(shlex.quote(a) for a in argv)
+    command = command_line(args)
     label = f"{args.method} ({trained.iteration} it.)"
     table = results_table({label: ev}, steps=(0, 1, 5, 10), median=True)
     note = PROTOCOL_NOTE if isinstance(learner, MetaSGD) else ""
@@ -204,11 +226,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bilevel.meta.cli ARGS`` (same as ``bilevel meta-train ARGS``)."""
-    parser = argparse.ArgumentParser(prog="bilevel")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["meta-train", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """``python -m bilevel.meta.cli ARGS`` (same as ``bilevel meta-train ARGS``, usage errors included)."""
+    from .._cli import main as bilevel_main
+
+    return bilevel_main(["meta-train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""Inductor as :class:`bilevel.Compiled` uses it: BLAS for large matrix-vector products, and the
+C++ wrapper for graphs of many library products (fewer C++ compiler runs, less compile time)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ._unit import Options
+
+
+def inductor_backend(opts: Options) -> Callable:
+    """Inductor, with large matrix-vector products left to BLAS (see :func:`_mv`), and with its
+    C++ wrapper for CPU graphs that call many library products (see :func:`wants_cpp_wrapper`).
+
+    The AOT-autograd cache, whose key does not see the decomposition table, is off for these
+    compilations; inductor's own FX-graph cache, keyed on the decomposed graph, stays on.
+    """
+    from torch._functorch import config as functorch_config
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(opts.mode, opts.dynamic) if opts.mode else {}
+
+    def inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        chosen = {**patches, "cpp_wrapper": True} if wants_cpp_wrapper(gm, example_inputs) else patches
+        with functorch_config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, config_patches=chosen, decompositions=_decompositions())
+
+    return inductor
+
+
+#: A CPU graph with at least this many library products (see :func:`library_products`) is compiled
+#: with inductor's C++ wrapper (``cpp_wrapper=True``): one C++ compiler run for the whole graph
+#: instead of one per generated kernel.
+CPP_WRAPPER_MIN_PRODUCTS = 4
+_PRODUCTS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "addmv", "mv", "einsum",
+                       "tensordot", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                       "conv_transpose3d", "convolution"})
+
+
+def library_products(gm: torch.fx.GraphModule) -> int:
+    """How many matrix products in dynamo's graph ``gm`` inductor leaves to a library (BLAS, oneDNN):
+    products with a matrix result (``linear``, ``mm``, ``bmm``, convolutions, ...), and matrix-vector
+    products whose matrix has at least :data:`BLAS_MV_ENTRIES` entries (smaller ones are inductor's
+    own fused loops, see :func:`_mv`).
+
+    Each such call ends a fused kernel, so it counts the C++ kernels inductor generates
+    (about one more than the products, with their backward, which dynamo's graph holds only
+    implicitly inside ``torch.func`` transforms, in proportion)."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name.strip("_") not in _PRODUCTS:
+            continue
+        out = node.meta.get("example_value")
+        if not isinstance(out, Tensor):
+            continue
+        sizes = [_static_numel(a.meta.get("example_value")) for a in node.args if isinstance(a, torch.fx.Node)]
+        if out.dim() >= 2 or max(sizes, default=0) >= BLAS_MV_ENTRIES:
+            count += 1
+    return count
+
+
+def _static_numel(value: Any) -> int:
+    if not isinstance(value, Tensor):
+        return 0
+    try:
+        return int(value.numel())
+    except (TypeError, ValueError):  # a symbolic size (dynamic=True): count it as large
+        return BLAS_MV_ENTRIES
+
+
+def wants_cpp_wrapper(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
+    """Whether to compile ``gm`` with inductor's C++ wrapper: on CPU, when it has at least
+    :data:`CPP_WRAPPER_MIN_PRODUCTS` library products.
+
+    On CPU, inductor's default Python wrapper builds every fused kernel with its own C++
+    compiler run, which costs about 0.6 CPU seconds here even for a tiny kernel (loading the
+    precompiled header, linking); the C++ wrapper compiles the graph's wrapper and all its
+    kernels in one run, which costs more for a graph of one or two kernels (about 2 s against
+    0.9 s: the ridge units at d = 200) and much less for many (the MAML meta-gradient with 5
+    inner steps: about 35 kernels, 7 s against 23 s). The library products split the fused
+    kernels, so their number tells the two cases apart before anything is compiled."""
+    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, Tensor))
+    return on_cpu and library_products(gm) >= CPP_WRAPPER_MIN_PRODUCTS
+
+
+#: Matrices with at least this many entries go to BLAS in a matrix-vector product (see :func:`_mv`).
+BLAS_MV_ENTRIES = 1 << 20
+
+
+def _mv(matrix: Tensor, vector: Tensor) -> Tensor:
+    """``aten.mv`` for inductor: BLAS (as a one-column ``mm``) for a large matrix, else inductor's own
+    multiply-and-sum loop, which it fuses with its neighbours.
+
+    Measured on the ridge benchmark (one thread, float32): for a 1000 x 200 matrix the fused loop
+    matched BLAS; for 1000 x 2000 it took about twice as long per gradient step.
+    """
+    size = matrix.numel()
+    if isinstance(size, int) and size >= BLAS_MV_ENTRIES:
+        return torch.ops.aten.mm.default(matrix, vector.unsqueeze(1)).squeeze(1)
+    from torch._decomp.decompositions import mv
+    return mv(matrix, vector)
+
+
+@functools.cache
+def _decompositions() -> dict:
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    table[torch.ops.aten.mv.default] = _mv
+    return table
