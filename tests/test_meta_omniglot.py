@@ -277,3 +277,7 @@ def test_cli_omniglot_writes_curve_and_resumes(tmp_path) -> None:
     summary = json.loads((out / "results.json").read_text())
     assert [r["iteration"] for r in read_curve(out / "curve.csv")] == [0, 2, 3, 4, 5]
     assert summary["iterations"] == 5 and 0 <= summary["accuracy"]["mean"] <= 1
+    # the recorded command reproduces the run whatever started it (here main() from Python)
+    assert summary["command"].startswith("bilevel meta-train --task omniglot --method shared-ridge")
+    assert all(f" {w} " in summary["command"] + " " for w in ("--ways 3", "--queries 2", "--iterations 5", f"--out {out}"))
+    assert f"`{summary['command']}`" in (out / "results.md").read_text()

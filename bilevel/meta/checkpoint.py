@@ -82,10 +82,16 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = Non
 
 def write_metrics(path: str | os.PathLike, history: list[dict[str, float]]) -> None:
     """Write the history as CSV, atomically (a resumed run rewrites it from its checkpoint)."""
+    write_csv_atomic(path, history, COLUMNS)
+
+
+def write_csv_atomic(path: str | os.PathLike, rows: list[dict[str, float]], columns) -> None:
+    """Write ``rows`` as CSV with the header ``columns``: to a temporary file, then renamed over
+    ``path``, so a reader (or a run killed mid-write) never sees a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(rows)
     os.replace(tmp, path)

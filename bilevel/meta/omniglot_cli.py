@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..datasets import Omniglot
-from .checkpoint import CheckpointError, describe, load_checkpoint
+from .checkpoint import CheckpointError, describe, load_checkpoint, write_csv_atomic
 from .omniglot import METHODS, EpisodeFamily, evaluate_accuracy, make_learner
 from .train import CHECKPOINT, Trainer
 
@@ -59,15 +59,6 @@ def read_curve(path: Path) -> list[dict[str, float]]:
         return []
     with open(path, newline="") as handle:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
-def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CURVE_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def time_to(rows: list[dict[str, float]], level: float) -> tuple[float, float] | None:
@@ -128,7 +119,7 @@ def run_omniglot(args: argparse.Namespace) -> int:
         acc = evaluate_accuracy(learner, hparams, val, args.val_episodes, seed=VAL_SEED, chunk=25)
         rows.append({"iteration": iteration, "train_s": round(elapsed, 3), "cpu_s": round(cpu, 3),
                      "val_acc": round(acc.mean, 5), "val_ci95": round(acc.ci95, 5)})
-        _write_curve(out / CURVE, rows)
+        write_csv_atomic(out / CURVE, rows, CURVE_COLUMNS)
         if not args.no_progress:
             print(f"[{args.method}] it {iteration} train {elapsed:.0f}s cpu {cpu:.0f}s val {acc}", flush=True)
 
@@ -151,7 +142,10 @@ def run_omniglot(args: argparse.Namespace) -> int:
         point(theta)
     test = EpisodeFamily(test_set, args.ways, args.shots, args.eval_queries, one_hot=one_hot)
     acc = evaluate_accuracy(learner, theta, test, args.eval_tasks, seed=EVAL_SEED, chunk=25)
-    command = "bilevel " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "bilevel meta-train"
+    from .cli import command_line  # cli imports this module lazily; import it back the same way
+
+    command = command_line(args) if hasattr(args, "meta_train_parser") else \
+        "bilevel " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     reach = {f"{int(100 * lv)}": time_to(rows, lv) for lv in (0.9, 0.95, 0.97)}
     line = (f"{args.method}, {args.ways}-way {args.shots}-shot Omniglot: test accuracy {acc} "
             f"({args.eval_tasks} maml-test episodes, {iteration} meta-steps, {elapsed / 60:.1f} min training, "
