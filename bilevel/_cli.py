@@ -91,12 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["compare", "--dim", "5", "--samples", "20"])  # doctest: +SKIP
         0
     """
+    from ._result import BilevelError
+
     parser, subparsers = _build()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UsageError as err:
         subparsers.choices[args.command].error(str(err))  # prints usage and exits with status 2
+    except BilevelError as err:  # a solve that failed mid-run: its message names the call, the value, the fix
+        hint = (" (Or pass --drop-failed-tasks to leave failing tasks out of the meta-batch; checkpoints "
+                "already written are kept.)" if args.command == "meta-train" else "")
+        print(f"bilevel {args.command}: error: {err}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bilevel: interrupted", file=sys.stderr)
         return 130

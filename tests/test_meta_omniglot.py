@@ -281,3 +281,18 @@ def test_cli_omniglot_writes_curve_and_resumes(tmp_path) -> None:
     assert summary["command"].startswith("bilevel meta-train --task omniglot --method shared-ridge")
     assert all(f" {w} " in summary["command"] + " " for w in ("--ways 3", "--queries 2", "--iterations 5", f"--out {out}"))
     assert f"`{summary['command']}`" in (out / "results.md").read_text()
+
+
+def test_cli_reports_a_failed_solve_without_a_traceback(tmp_path, capsys) -> None:
+    from bilevel._cli import main
+
+    data = data_dir("omniglot")
+    argv = ["meta-train", "--task", "omniglot", "--method", "maml", "--inner-steps", "3", "--inner-lr", "1000",
+            "--ways", "3", "--shots", "1", "--queries", "2", "--meta-batch", "2", "--val-acc-every", "2",
+            "--val-episodes", "2", "--eval-tasks", "2", "--eval-queries", "2", "--iterations", "2",
+            "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "\nbilevel meta-train: error: " in err and "inner_diverged" in err
+    assert "lower the inner step size (lr=1000" in err and "--drop-failed-tasks" in err
+    assert "Traceback" not in err
