@@ -96,8 +96,9 @@ def make_learner(method: str, ways: int, *, hidden: int = 64, pool: str = "max",
     strength ``lam``, default 2.0, CG with 5 reverse-mode HVPs), ``"esj"`` (ANIL whose head-response
     Jacobian :math:`\partial u_N / \partial \theta` is estimated by :class:`~bilevel.ESJ` from
     ``directions`` Gaussian perturbations of size ``smoothing`` — no second derivatives; the body's
-    direct gradient stays exact, which keeps the estimate usable with 100k meta-parameters, where
-    ESJ on all of MAML's parameters would be noise); ``"shared-ridge"`` (embedding + ridge head on
+    direct gradient stays exact, but the perturbations span all ~112k meta-parameters, and with 8
+    directions the estimate measured as noise on the 4-block net: docs/results.md, Omniglot);
+    ``"shared-ridge"`` (embedding + ridge head on
     one-hot targets in closed form, R2D2-style;
     use :class:`EpisodeFamily` with ``one_hot=True``) and ``"shared-softmax"`` (embedding + softmax
     head solved by 30 gradient steps, differentiated implicitly with CG). ``lam``: ridge (default 1.0)
