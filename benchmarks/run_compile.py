@@ -292,9 +292,10 @@ def prime() -> None:
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     pick_vec_isa()
     x = torch.ones(3)
-    for wrapper in (False, True):
+    from bilevel.compile._backend import cpp_wrapper_options
+    for options in ({"cpp_wrapper": False}, {"cpp_wrapper": True}, cpp_wrapper_options()):
         torch._dynamo.reset()
-        torch.compile(lambda t: (t * 2.5).exp(), options={"cpp_wrapper": wrapper})(x)
+        torch.compile(lambda t: (t * 2.5).exp(), options=options)(x)
 
 
 def run_worker(dim: int, config: str, args: argparse.Namespace) -> dict | None:

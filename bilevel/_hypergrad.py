@@ -13,7 +13,7 @@ from ._batch import batch_at
 from ._problem import BilevelProblem, check_same_structure, check_tree
 from ._result import RESULTS, BilevelError, Hypergrad
 from ._tree import Batch, Params, tree_detach
-from .estimators._base import AbstractEstimator, Counts, Estimate, packed_fields
+from .estimators._base import _KEEP_PARAMS, AbstractEstimator, Counts, Estimate, packed_fields
 from .inner._base import AbstractInnerSolver
 
 _CALL = "hypergrad(...)"
@@ -21,7 +21,8 @@ _CALL = "hypergrad(...)"
 
 def hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | None = None, *,
               inner: AbstractInnerSolver, estimator: AbstractEstimator, inner_batch: Batch = None,
-              outer_batch: Batch = None, throw: bool = True, adjoint0: Params | None = None) -> Hypergrad:
+              outer_batch: Batch = None, throw: bool = True, adjoint0: Params | None = None,
+              return_params: bool = True) -> Hypergrad:
     r"""Estimate the hypergradient :math:`\nabla\Phi(x)` of :math:`\Phi(x) = f(x, y(x))`.
 
     Args:
@@ -39,10 +40,14 @@ def hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | None =
         throw: raise :class:`BilevelError` on any status but ``RESULTS.successful`` (default).
             With ``throw=False`` the status is in ``result``.
         adjoint0: warm start of the linear solve (AID, IMAML): a previous ``Hypergrad.adjoint``.
+        return_params: return the inner solution as ``Hypergrad.params`` (default). With
+            ``False`` it is ``None``, and estimators that would return it from inside a
+            transform (ITD: through its ``grad``) do not: a little faster when only the
+            hypergradient is wanted.
 
     Returns:
         :class:`Hypergrad` with ``value`` (shaped like ``hparams``), ``params``
-        (the inner solution), ``result``, ``stats``, ``outer_value`` and ``adjoint``.
+        (the inner solution; ``None`` with ``return_params=False``), ``result``, ``stats``, ``outer_value`` and ``adjoint``.
         Inputs are never modified. The call works inside :func:`torch.func.vmap`
         (then ``result`` is a tensor of status codes and nothing is raised; see
         :func:`vmap_hypergrad` for a batched call that checks every task).
@@ -59,15 +64,22 @@ def hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | None =
     """
     started, compiled0 = time.perf_counter(), _runner.compile_clock()
     x, y0, a0 = _checked_inputs(problem, hparams, params0, inner, estimator, adjoint0, _CALL)
-    estimate, counts = estimator.run(problem, x, y0, inner, inner_batch, batch_at(outer_batch, 0), a0)
+    token = _KEEP_PARAMS.set(bool(return_params))
+    try:
+        estimate, counts = estimator.run(problem, x, y0, inner, inner_batch, batch_at(outer_batch, 0), a0)
+    finally:
+        _KEEP_PARAMS.reset(token)
     estimate = _check_value(estimate.unpacked())
+    if not return_params:
+        estimate = estimate._replace(params=None)
     return _pack(estimate, counts, started, problem, inner, estimator, throw, task_dim=False, compiled0=compiled0)
 
 
 def vmap_hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | None = None, *,
                    inner: AbstractInnerSolver, estimator: AbstractEstimator, inner_batch: Batch = None,
                    outer_batch: Batch = None, in_dims: tuple[int | None, int | None, int | None, int | None] = (0, 0, 0, 0),
-                   throw: bool = True, adjoint0: Params | None = None, chunk_size: int | None = None) -> Hypergrad:
+                   throw: bool = True, adjoint0: Params | None = None, chunk_size: int | None = None,
+                   return_params: bool = True) -> Hypergrad:
     """:func:`hypergrad` for a batch of tasks, as one :func:`torch.func.vmap`.
 
     Arguments not listed below are as in :func:`hypergrad`.
@@ -81,6 +93,8 @@ def vmap_hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | N
             carries a task dimension (each task has its own adjoint: pass back a
             previous call's ``Hypergrad.adjoint``).
         chunk_size: passed to :func:`torch.func.vmap` to bound memory.
+        return_params: as in :func:`hypergrad`; with ``False`` the per-task inner solutions do
+            not leave the ``vmap`` (``params`` is ``None``).
 
     Returns:
         :class:`Hypergrad` whose ``value``, ``params``, ``outer_value`` and the
@@ -123,11 +137,17 @@ def vmap_hypergrad(problem: BilevelProblem, hparams: Params, params0: Params | N
         _check_starts(problem, x_t, y_t, a_t, call)  # per task: the inputs may be batched differently
         estimate, counts = estimator.run(problem, x_t, y_t, inner, bi_t, bo_t, a_t)
         counts_seen.append(counts)
-        return _to_vmap_output(estimate, keys)
+        return _to_vmap_output(estimate, keys, return_params)
 
     keys: list[list[str]] = []  # the value's and params' keys of a flat output (_to_vmap_output)
-    out = torch.func.vmap(one_task, chunk_size=chunk_size)(*(args[i] for i in batched))
+    token = _KEEP_PARAMS.set(bool(return_params))
+    try:
+        out = torch.func.vmap(one_task, chunk_size=chunk_size)(*(args[i] for i in batched))
+    finally:
+        _KEEP_PARAMS.reset(token)
     estimate = _from_vmap_output(out, keys)
+    if not return_params:
+        estimate = estimate._replace(params=None)
     # The value check runs once on the stacked values, not per task inside the vmap (a dozen
     # plain kernels instead of every isfinite through the batching rules); same statuses.
     estimate = _check_value(estimate, task_dim=True)
@@ -143,12 +163,15 @@ def _merge(args: tuple, batched: list[int], per_task: tuple) -> list:
     return merged
 
 
-def _to_vmap_output(estimate: Estimate, keys: list) -> tuple:
+def _to_vmap_output(estimate: Estimate, keys: list, keep_params: bool = True) -> tuple:
     """What leaves the task ``vmap``: as few containers and tensors as the estimate allows (``vmap``
     refuses ``None`` and handles each container and tensor in Python). For a packed estimate
     (:attr:`Estimate.packed`, which holds ``outer_value``) one flat tuple, the leaves of ``value``
     and ``params`` then ``packed``, their keys appended to ``keys``; else every field but
-    ``packed``, with an empty dict for a ``None`` adjoint."""
+    ``packed``, with an empty dict for a ``None`` adjoint. Without ``keep_params`` the params
+    stay inside (an empty dict leaves instead)."""
+    if not keep_params and estimate.params:
+        estimate = estimate._replace(params={})
     if estimate.packed is not None and not estimate.info and estimate.adjoint is None:
         keys.extend((list(estimate.value), list(estimate.params)))
         return (*estimate.value.values(), *estimate.params.values(), estimate.packed)

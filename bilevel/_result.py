@@ -177,7 +177,8 @@ class Hypergrad:
     Attributes:
         value: the hypergradient, a dict shaped like ``hparams``.
         params: the inner solution the estimate was formed at (pass it back as
-            ``params0`` to warm-start the next inner solve).
+            ``params0`` to warm-start the next inner solve); ``None`` from a call with
+            ``return_params=False``.
         result: a :class:`RESULTS` member (a tensor of codes when formed inside ``vmap``).
         stats: ``inner_steps, linear_steps, residual, num_grad, num_hvp, wall_time_s, compile_s``
             (``compile_s``: seconds this call spent in :func:`torch.compile`, 0.0 when eager).
@@ -188,7 +189,7 @@ class Hypergrad:
     """
 
     value: Params
-    params: Params
+    params: Params | None
     result: RESULTS | Tensor
     stats: dict[str, Any]
     outer_value: Tensor | None = None

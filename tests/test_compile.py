@@ -157,6 +157,18 @@ def test_library_products_count_matrix_results_and_large_matrix_vector_products(
     assert not _backend.wants_cpp_wrapper(graphs[0], [a, b, m, v])
 
 
+def test_cpp_wrapper_options_keep_only_what_this_torch_knows(monkeypatch):
+    # The two-run build of the C++ wrapper is an inductor option of recent torch; an option this torch
+    # lacks would make compile_fx fail (and every unit fall back to eager), so it is dropped.
+    from torch._inductor import config
+
+    options = _backend.cpp_wrapper_options()
+    assert options["cpp_wrapper"] is True
+    assert options.get("cpp_wrapper_build_separate") is (True if hasattr(config, "cpp_wrapper_build_separate") else None)
+    monkeypatch.setattr(_backend, "CPP_WRAPPER_OPTIONS", {"cpp_wrapper": True, "no_such_inductor_option": 1})
+    assert _backend.cpp_wrapper_options() == {"cpp_wrapper": True}
+
+
 def test_a_unit_with_many_products_compiles_with_the_cpp_wrapper_and_matches_eager(monkeypatch):
     # Every matrix-vector product of the ridge problem goes to BLAS (threshold lowered to one entry), so
     # the whole-estimator unit of ITD holds several library products and is compiled by inductor's C++

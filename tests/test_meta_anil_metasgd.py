@@ -36,9 +36,10 @@ def test_anil_adapts_only_the_head_and_the_body_stays_put() -> None:
     adapted = anil.adapt(theta, sinusoid_tasks())
     assert sorted(adapted) == ["4.bias", "4.weight"]
     assert not torch.equal(adapted["4.weight"][0], theta["4.weight"])  # the head moved
-    mg = anil.meta_gradient(theta, sinusoid_tasks())
+    mg = anil.meta_gradient(theta, sinusoid_tasks(), return_params=True)
     assert sorted(mg.value) == sorted(theta)  # body and head init are both meta-learned
     assert sorted(mg.hypergrad.params) == ["4.bias", "4.weight"]
+    assert anil.meta_gradient(theta, sinusoid_tasks()).hypergrad.params is None  # not asked for
 
 
 @pytest.mark.parametrize("key,index", [("0.weight", 2), ("2.bias", 4), ("4.weight", 1), ("4.bias", 0)])

@@ -114,7 +114,7 @@ def test_itd_packed_scalars_report_what_the_unpacked_fields_report(monkeypatch, 
 
     def run():
         try:
-            return maml.meta_gradient(theta, tasks).hypergrad, None
+            return maml.meta_gradient(theta, tasks, return_params=True).hypergrad, None
         except bl.BilevelError as err:
             return err.hypergrad, str(err)
 
@@ -131,3 +131,38 @@ def test_itd_packed_scalars_report_what_the_unpacked_fields_report(monkeypatch, 
         same(packed.value[key], plain.value[key])
         same(packed.params[key], plain.params[key])
     same(packed.outer_value, plain.outer_value)
+
+
+@pytest.mark.parametrize("estimator", [bl.ITD(), bl.ITD(truncate=1), bl.FirstOrder(), bl.AID(linear_solver=bl.CG(max_steps=5)),
+                                       bl.IMAML(lam=2.0, linear_solver=bl.CG(max_steps=5))])
+@pytest.mark.parametrize("pack", [True, False])
+def test_return_params_false_changes_nothing_but_the_params(monkeypatch, estimator, pack) -> None:
+    # return_params=False keeps the adapted parameters inside the transforms (ITD) or drops them after
+    # the vmap (the others): every other output, status and statistic is bit-for-bit the same.
+    if not pack:
+        monkeypatch.setattr(itd, "pack_scalars", lambda *args: None)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    maml = bl.meta.MAML(net, inner=bl.GradientDescent(lr=0.05, steps=3), estimator=estimator)
+    theta = maml.init_hparams()
+    tasks = Sinusoid(shots=5).sample(3, seed=0)
+    with_params = maml.meta_gradient(theta, tasks, return_params=True, throw=False)
+    without = maml.meta_gradient(theta, tasks, throw=False)
+    assert without.hypergrad.params is None and sorted(with_params.hypergrad.params) == sorted(theta)
+    same = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0)  # noqa: E731 - bitwise
+    for key in theta:
+        same(without.value[key], with_params.value[key])
+    same(without.loss, with_params.loss)
+    assert without.hypergrad.task_results == with_params.hypergrad.task_results
+    for key in ("inner_steps", "linear_steps", "residual", "num_grad", "num_hvp"):
+        a, b = without.hypergrad.stats[key], with_params.hypergrad.stats[key]
+        same(a, b) if isinstance(a, torch.Tensor) else (a == b or pytest.fail(key))
+    # the single-task call too
+    problem, batch = maml.problem, (tasks.support_x[0], tasks.support_y[0])
+    kw = dict(inner=maml.inner, estimator=estimator, inner_batch=batch, outer_batch=(tasks.query_x[0], tasks.query_y[0]),
+              throw=False)
+    one, none = bl.hypergrad(problem, theta, **kw), bl.hypergrad(problem, theta, **kw, return_params=False)
+    assert none.params is None and sorted(one.params) == sorted(theta)
+    for key in theta:
+        same(none.value[key], one.value[key])
+    assert none.result is one.result

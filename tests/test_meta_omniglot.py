@@ -296,3 +296,24 @@ def test_cli_reports_a_failed_solve_without_a_traceback(tmp_path, capsys) -> Non
     assert "\nbilevel meta-train: error: " in err and "inner_diverged" in err
     assert "lower the inner step size (lr=1000" in err and "--drop-failed-tasks" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,lr,steps", [([], 1.0, 30), (["--inner-lr", "0.5", "--inner-steps", "4"], 0.5, 4)])
+def test_cli_shared_softmax_head_step_is_in_units_of_one_over_L(tmp_path, extra, lr, steps) -> None:
+    from bilevel._cli import main
+
+    out = tmp_path / "run"
+    argv = ["meta-train", "--task", "omniglot", "--method", "shared-softmax", "--ways", "3", "--shots", "1",
+            "--queries", "2", "--meta-batch", "2", "--val-acc-every", "2", "--val-episodes", "2", "--eval-tasks", "2",
+            "--eval-queries", "2", "--iterations", "2", "--data", str(data_dir("omniglot")), "--out", str(out),
+            "--no-progress", *extra]
+    assert main(argv) == 0
+    learner = (out / "results.md").read_text()
+    assert f"GradientDescent(lr={lr}, steps={steps}" in learner and "scaled_step=True" in learner
+    assert json.loads((out / "results.json").read_text())["iterations"] == 2
+
+
+def test_make_learner_shared_softmax_defaults() -> None:
+    learner, _ = make_learner("shared-softmax", WAYS, hidden=4)
+    assert learner.inner == bl.GradientDescent(lr=1.0, steps=30) and learner.head.scaled_step
+    assert make_learner("maml", WAYS, hidden=4)[0].inner.lr == 0.4  # the others keep Finn et al.'s 0.4

@@ -61,8 +61,9 @@ class Compiled(AbstractEstimator):
     structure): a second call with the same shapes does not recompile, and
     ``hg.stats["compile_s"]`` reports the seconds a call spent compiling. On CPU, a unit whose
     graph holds several matrix products (MAML's meta-gradient) is compiled with inductor's C++
-    wrapper: one C++ compiler run for all its kernels instead of one per kernel, which halved
-    MAML's compile time (see the docs, "Compile time and the cache"). Anything that
+    wrapper: one C++ compiler run for all its kernels (and one for the wrapper) instead of one
+    per kernel, which more than halved MAML's compile time (see the docs, "Compile time and the
+    cache"). Anything that
     cannot be compiled — objectives dynamo cannot trace (data-dependent Python control
     flow, ``.item()``, unsupported operations), a machine without a working C++
     compiler, an unsupported torch — runs eagerly after a one-time

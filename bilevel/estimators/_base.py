@@ -8,6 +8,7 @@ HVPs are forward-over-reverse (``jvp`` of ``grad``) or reverse-over-reverse
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Literal, NamedTuple
 
 import torch
@@ -86,6 +87,20 @@ class Estimate(NamedTuple):
 _EXACT_INT = 2 ** 24
 
 
+#: ``False`` while a caller that does not want the inner solution runs an estimator
+#: (``hypergrad(..., return_params=False)``, a meta-learner's ``meta_gradient``).
+_KEEP_PARAMS: ContextVar[bool] = ContextVar("bilevel_keep_params", default=True)
+
+
+def keep_params() -> bool:
+    """Whether the caller wants :attr:`Estimate.params` (the inner solution). An estimator may
+    leave it empty (``{}``) when not: for ITD the adapted parameters are extra outputs of its
+    ``grad`` transform, each unwrapped in Python (about 2% of a sinusoid MAML meta-step). Always
+    ``True`` while dynamo traces (a compiled estimator keeps one output structure; the caller
+    drops the params)."""
+    return True if torch.compiler.is_compiling() else _KEEP_PARAMS.get()
+
+
 def pack_scalars(sol: InnerSolution, outer_value: Tensor, max_steps: int) -> Tensor | None:
     """An inner solution's scalar diagnostics and the outer value stacked for :attr:`Estimate.packed`,
     or ``None`` where the stack would not hold them exactly: floats of different dtypes (stacking
@@ -127,9 +142,20 @@ class AbstractEstimator:
         raise NotImplementedError
 
 
+def featurized(problem: BilevelProblem, hparams: Params, batch: Batch) -> tuple[BilevelProblem, Batch]:
+    """``(problem.featured(), problem.featurize(hparams, batch))``: the problem whose ``g`` takes
+    preprocessed batches and the preprocessed batch (the two unchanged without ``features``)."""
+    if problem.features is None:
+        return problem, batch
+    return problem.featured(), problem.featurize(hparams, batch)
+
+
 def inner_grad_fn(problem: BilevelProblem, hparams: Params, inner_batch: Batch) -> GradFn:
     """``(y, k) -> (∇_y g(x, y, batch_k), g)``; ``batch_k`` is ``inner_batch`` or, for a
-    :class:`~bilevel.Sampler`, its draw for step ``k``."""
+    :class:`~bilevel.Sampler`, its draw for step ``k``. With ``problem.features`` the batch is
+    preprocessed here, once (per draw for a sampler), with these ``hparams``: called inside a
+    function of ``x`` (ITD's), the features' dependence on ``x`` is differentiated."""
+    problem, inner_batch = featurized(problem, hparams, inner_batch)
     gv = grad_and_value(lambda y, b: problem.inner_value(hparams, y, b))
     fn = lambda y, k: gv(y, batch_at(inner_batch, k))  # noqa: E731
     fn.parts = (problem, hparams, inner_batch)  # what a compiled runner (bl.Compiled) rebuilds the steps from
@@ -150,8 +176,9 @@ def outer_grads(problem: BilevelProblem, hparams: Params, params: Params,
 
 def hvp_yy(problem: BilevelProblem, hparams: Params, params: Params, batch: Batch,
            mode: HVPMode) -> Callable[[Params], Params]:
-    r"""``v -> ∇²_yy g(x, y) v`` at fixed ``(x, y)``."""
+    r"""``v -> ∇²_yy g(x, y) v`` at fixed ``(x, y)`` (with ``features``, preprocessed once here)."""
     mode = resolve_hvp(mode, next(iter(params.values()), None))
+    problem, batch = featurized(problem, hparams, batch)
     if (runner := _runner.current()) is not None:  # bl.Compiled: each product is a compiled unit
         return runner.hvp_yy(problem, hparams, params, batch, mode)
     grad_y = grad(lambda y: problem.inner_value(hparams, y, batch))
@@ -164,8 +191,11 @@ def hvp_yy(problem: BilevelProblem, hparams: Params, params: Params, batch: Batc
 @_runner.compilable
 def cross_vjp(problem: BilevelProblem, hparams: Params, params: Params, batch: Batch,
               v: Params, mode: HVPMode) -> Params:
-    r"""``∇²_xy g(x, y) v`` (an ``x``-shaped tree): the mixed second derivative applied to ``v``."""
+    r"""``∇²_xy g(x, y) v`` (an ``x``-shaped tree): the mixed second derivative applied to ``v``.
+    With ``features`` it is that of the folded objective ``g(x, y, features(x, batch))``, so the
+    dependence through the features is kept (they are recomputed inside the derivative)."""
     mode = resolve_hvp(mode, next(iter(params.values()), None))
+    problem = problem.folded()
     if mode == "forward":
         gx = grad(problem.inner_value, argnums=0)
         return jvp(lambda y: gx(hparams, y, batch), (params,), (v,))[1]

@@ -12,8 +12,8 @@ from .._tree import Batch, Params, tree_allzero, tree_sub
 from ..inner._base import AbstractInnerSolver, solve
 from ..linear import CG
 from ..linear._base import AbstractLinearSolver, SampledOperator
-from ._base import (HVP_MODES, AbstractEstimator, Counts, Estimate, HVPMode, cross_vjp, hvp_yy, inner_counts,
-                    inner_fields, inner_grad_fn, outer_grads, resolve_hvp, start_of)
+from ._base import (HVP_MODES, AbstractEstimator, Counts, Estimate, HVPMode, cross_vjp, featurized, hvp_yy,
+                    inner_counts, inner_fields, inner_grad_fn, outer_grads, resolve_hvp, start_of)
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,13 @@ class AID(AbstractEstimator):
     def run(self, problem: BilevelProblem, hparams: Params, params0: Params | None,
             inner: AbstractInnerSolver, inner_batch: Batch, outer_batch: Batch,
             adjoint0: Params | None) -> tuple[Estimate, Counts]:
-        sol = solve(inner, start_of(problem, hparams, params0), inner_grad_fn(problem, hparams, inner_batch),
+        featured = featurized(problem, hparams, inner_batch)  # features (if any) once, for the solve and H
+        sol = solve(inner, start_of(problem, hparams, params0), inner_grad_fn(featured[0], hparams, featured[1]),
                     check_growth=not is_stochastic(inner_batch))
         gx, gy, outer_value = outer_grads(problem, hparams, sol.params, outer_batch)
         lin, value = with_hvp_fallback(self, lambda mode: _implicit(problem, hparams, sol.params, inner_batch,
                                                                     gx, gy, self.linear_solver, adjoint0, mode,
-                                                                    first=inner.steps),
+                                                                    first=inner.steps, featured=featured),
                                        like=next(iter(gy.values())))
         code = first_failure(sol.code, lin.code)
         if problem.init is not None and params0 is None:
@@ -95,13 +96,19 @@ class AID(AbstractEstimator):
         return estimate, Counts(num_grad=inner_counts(inner) + 1, num_hvp=lin.num_hvp + 1)
 
 
-def _implicit(problem, hparams, params, batch, gx, gy, linear_solver, adjoint0, mode, first=0):
+def _implicit(problem, hparams, params, batch, gx, gy, linear_solver, adjoint0, mode, first=0, featured=None):
     """``(linear solution, ∇ₓf − ∇²_xy g v)``. A :class:`~bilevel.Sampler` ``batch`` is drawn from
     step ``first`` on: once per operator application if the solver resamples its operator
-    (stocBiO's Neumann series), else once for the solve; then once for the cross term."""
+    (stocBiO's Neumann series), else once for the solve; then once for the cross term.
+
+    With ``problem.features`` the Hessian (in ``y`` only) is taken on the preprocessed batch —
+    ``featured = featurized(problem, hparams, batch)`` when the caller already has it for a fixed
+    batch — and the cross term on the folded objective, with the raw batch (:func:`cross_vjp`)."""
     draw = draws(batch, first)
     if is_stochastic(batch) and linear_solver.resamples_operator:
         matvec = SampledOperator(lambda: hvp_yy(problem, hparams, params, draw(), mode))
+    elif featured is not None and not is_stochastic(batch):
+        matvec = hvp_yy(featured[0], hparams, params, featured[1], mode)
     else:
         matvec = hvp_yy(problem, hparams, params, draw(), mode)
     lin = linear_solver.solve(matvec, gy, adjoint0)

@@ -11,7 +11,8 @@ from .._tree import Batch, Params, tree_dot, tree_sub
 from ..inner._base import AbstractInnerSolver, solve
 from ..linear import CG
 from ..linear._base import AbstractLinearSolver
-from ._base import AbstractEstimator, Counts, Estimate, HVPMode, inner_counts, inner_fields, inner_grad_fn, outer_grads
+from ._base import (AbstractEstimator, Counts, Estimate, HVPMode, featurized, inner_counts, inner_fields,
+                    inner_grad_fn, outer_grads)
 from .aid import _implicit, check_linear_options, with_hvp_fallback
 
 
@@ -91,12 +92,15 @@ class IMAML(AbstractEstimator):
                              "without a learned start.")
         prox = proximal_problem(problem, self.lam)
         start = problem.start(hparams) if params0 is None else params0
-        sol = solve(inner, start, inner_grad_fn(prox, hparams, inner_batch),
+        featured = featurized(prox, hparams, inner_batch)  # features (if any) once, for the solve and H
+        sol = solve(inner, start, inner_grad_fn(featured[0], hparams, featured[1]),
                     check_growth=not is_stochastic(inner_batch))
         gx, gy, outer_value = outer_grads(prox, hparams, sol.params, outer_batch)
         batch = batch_at(inner_batch, inner.steps)  # a Sampler: one fresh draw for the linear system, as in AID
+        fixed = featured if not is_stochastic(inner_batch) else None
         lin, value = with_hvp_fallback(self, lambda mode: _implicit(prox, hparams, sol.params, batch,
-                                                                    gx, gy, self.linear_solver, adjoint0, mode),
+                                                                    gx, gy, self.linear_solver, adjoint0, mode,
+                                                                    featured=fixed),
                                        like=next(iter(gy.values())))
         estimate = Estimate(value=value, params=sol.params, code=first_failure(sol.code, lin.code),
                             outer_value=outer_value, adjoint=lin.value, info=lin.info, linear_steps=lin.steps,
@@ -109,11 +113,13 @@ def proximal_problem(problem: BilevelProblem, lam: float) -> BilevelProblem:
 
     ``init(x)`` is evaluated inside the objective, so derivatives with respect
     to ``x`` (the cross term of AID) see the proximal centre's dependence on ``x``.
+    The problem's ``features`` are kept: the proximal objective takes preprocessed batches.
     """
+    core = problem.featured()
 
     def inner(hparams: Params, params: Params, batch: Batch):
         gap = tree_sub(params, problem.start(hparams))
-        return problem.inner_value(hparams, params, batch) + 0.5 * lam * tree_dot(gap, gap)
+        return core.inner_value(hparams, params, batch) + 0.5 * lam * tree_dot(gap, gap)
 
     inner.__qualname__ = f"proximal({getattr(problem.inner, '__qualname__', 'inner')}, lam={lam})"
-    return BilevelProblem(inner=inner, outer=problem.outer, init=problem.init)
+    return BilevelProblem(inner=inner, outer=problem.outer, init=problem.init, features=problem.features)

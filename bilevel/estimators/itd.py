@@ -13,7 +13,7 @@ from .._problem import BilevelProblem
 from .._tree import Batch, Params, tree_add, tree_detach, tree_zeros_like
 from ..inner._base import AbstractInnerSolver, LoopState, loop_finish, loop_run, loop_start
 from ._base import (AbstractEstimator, Counts, Estimate, inner_counts, inner_fields, inner_grad_fn,
-                    no_linear, outer_grads, pack_scalars, packed_fields, start_of)
+                    keep_params, no_linear, outer_grads, pack_scalars, packed_fields, start_of)
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,8 @@ class ITD(AbstractEstimator):
                               inner_grad_fn(problem, x0, inner_batch), 0, n - k)
             prefix = _detach(prefix)
 
+        keep = keep_params()  # the adapted params leave the transforms only when the caller wants them
+
         def phi(x: Params):
             loop = loop_start(inner, start_of(problem, x, params0)) if prefix is None else prefix
             grad_fn = inner_grad_fn(problem, x, inner_batch)
@@ -120,14 +122,14 @@ class ITD(AbstractEstimator):
             # tensor instead of six, each unwrapped through grad and the caller's vmap.
             packed = pack_scalars(sol, value, n)
             if packed is None:
-                return value, (sol.params, inner_fields(sol), sol.code)
-            keys.extend(sol.params)
-            return value, (*sol.params.values(), packed)  # a flat tuple: no dict to unwrap
+                return value, (sol.params if keep else {}, inner_fields(sol), sol.code)
+            names.append(tuple(sol.params) if keep else ())
+            return value, (*(sol.params.values() if keep else ()), packed)  # a flat tuple: no dict to unwrap
 
-        keys: list[str] = []
+        names: list[tuple[str, ...]] = []  # the params' keys, set when the scalars were packed
         value, (outer_value, aux) = grad_and_value(phi, has_aux=True)(hparams)
-        if keys:
-            estimate = Estimate(value=value, params=dict(zip(keys, aux[:-1])), outer_value=outer_value,
+        if names:
+            estimate = Estimate(value=value, params=dict(zip(names[0], aux[:-1])), outer_value=outer_value,
                                 adjoint=None, info={}, packed=aux[-1], **packed_fields())
         else:  # not packed (see pack_scalars)
             params, fields, code = aux

@@ -13,6 +13,13 @@ an optional inner penalty — and inherits the rest: the problem
 
 the meta-gradient :math:`\\frac1T\\sum_t \\nabla\\Phi_t(x)` as one
 :func:`bilevel.vmap_hypergrad` call with ``in_dims=(None, None, 0, 0)``, and adaptation.
+
+A learner whose prediction splits into a body that the inner loop keeps fixed and a head that
+it adapts (ANIL on a :class:`~bilevel.meta.convnet.ConvNet` or an ``nn.Sequential``, a shared
+embedding) also defines :meth:`_embed` and :meth:`_head`; its meta-batches are then solved with
+the same problem in its ``features`` form (:class:`~bilevel.BilevelProblem`): the body's
+features of each support set are computed once per task instead of at every inner step, and
+the meta-gradient is the same to float rounding. :attr:`problem` stays the folded form.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ class MetaGradient(NamedTuple):
             (shaped like ``hparams``: what the outer optimizer steps on).
         loss: the mean outer (query) loss after adaptation, a 0-dim tensor.
         hypergrad: the per-task :class:`~bilevel.Hypergrad` of :func:`bilevel.vmap_hypergrad`
-            (statuses, stats, per-task values and adapted parameters).
+            (statuses, stats, per-task values; the adapted parameters with ``return_params=True``).
     """
 
     value: Params
@@ -73,8 +80,9 @@ class AbstractMetaLearner:
 
     def _task_problem(self, hparams: Params, support: Pair) -> BilevelProblem:
         """The problem a meta-batch is solved with (:attr:`problem`; overridden when the start's
-        shape depends on the data, as for a shared embedding's head)."""
-        return self.problem
+        shape depends on the data, as for a shared embedding's head): :attr:`problem`, in its
+        ``features`` form when the prediction splits into body and head."""
+        return self._split_problem
 
     def _predict(self, hparams: Params, params: Params, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -84,6 +92,14 @@ class AbstractMetaLearner:
 
     def _penalty(self, params: Params) -> Tensor | None:
         return None
+
+    def _embed(self, hparams: Params, x: Tensor) -> Tensor | None:
+        """The body's features of inputs ``x`` (``None``: the prediction does not split)."""
+        return None
+
+    def _head(self, hparams: Params, params: Params, features: Tensor) -> Tensor:
+        """The head's prediction from the body's features (when :meth:`_embed` splits)."""
+        raise NotImplementedError
 
     # -- shared machinery --------------------------------------------------------------------
     def _setup(self) -> None:
@@ -106,14 +122,39 @@ class AbstractMetaLearner:
         x, y = batch
         return self._loss(self._predict(hparams, params, x), y)
 
+    def _support_features(self, hparams: Params, batch: Pair) -> Pair:
+        """The ``features`` of the split problem: ``(X, Y) -> (body(X), Y)``."""
+        x, y = batch
+        return self._embed(hparams, x), y
+
+    def _inner_on_features(self, hparams: Params, params: Params, batch: Pair) -> Tensor:
+        """The inner objective of the split problem, on ``(body features, targets)``."""
+        features, y = batch
+        value = self._loss(self._head(hparams, params, features), y)
+        penalty = self._penalty(params)
+        return value if penalty is None else value + penalty
+
     @cached_property
     def problem(self) -> BilevelProblem:
         """The :class:`~bilevel.BilevelProblem` of one task (inner batch: support, outer batch: query)."""
         return BilevelProblem(inner=self._inner_objective, outer=self._outer_objective,
                               init=self._start)
 
+    @cached_property
+    def _split_problem(self) -> BilevelProblem:
+        """:attr:`problem` in its ``features`` form when the prediction splits, else :attr:`problem`."""
+        if not self._splits:
+            return self.problem
+        return BilevelProblem(inner=self._inner_on_features, outer=self._outer_objective, init=self._start,
+                              features=self._support_features)
+
+    @property
+    def _splits(self) -> bool:
+        return type(self)._embed is not AbstractMetaLearner._embed
+
     def meta_gradient(self, hparams: Params, tasks: object, *, throw: bool = True,
-                      chunk_size: int | None = None, estimator: AbstractEstimator | None = None) -> MetaGradient:
+                      chunk_size: int | None = None, estimator: AbstractEstimator | None = None,
+                      return_params: bool = False) -> MetaGradient:
         """The meta-gradient over a meta-batch: one :func:`bilevel.vmap_hypergrad` call over tasks.
 
         Args:
@@ -123,13 +164,18 @@ class AbstractMetaLearner:
             chunk_size: map over at most this many tasks at once (bounds memory).
             estimator: use this estimator for this call instead of the learner's (the trainer
                 passes an ``ESJ`` re-seeded at every step, so its directions are fresh).
+            return_params: also return each task's adapted parameters as ``hypergrad.params``
+                (default ``False``: the meta-gradient does not need them, and bringing them out
+                of the transforms costs about 2% of a sinusoid MAML meta-step; :meth:`adapt`
+                computes them on their own).
         """
         call = f"{type(self).__name__}.meta_gradient(...)"
         check_tree(hparams, "hparams", call)
         support, query = split(tasks, call)
         hg = vmap_hypergrad(self._task_problem(hparams, support), hparams, None, inner=self.inner,
                             estimator=self.estimator if estimator is None else estimator, inner_batch=support, outer_batch=query,
-                            in_dims=(None, None, 0, 0), throw=throw, chunk_size=chunk_size)
+                            in_dims=(None, None, 0, 0), throw=throw, chunk_size=chunk_size,
+                            return_params=return_params)
         return MetaGradient({k: v.mean(0) for k, v in hg.value.items()}, hg.outer_value.mean(), hg)
 
     def adapt(self, hparams: Params, tasks: object, steps: int | None = None) -> Params:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .._tree import Params
 from ..estimators import ITD
@@ -13,6 +15,7 @@ from ..inner import GradientDescent
 from ..inner._base import AbstractInnerSolver
 from ._learner import AbstractMetaLearner
 from ._model import Forward, Loss, mse
+from .convnet import ConvNet
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,14 @@ class ANIL(AbstractMetaLearner):
 
     The body's meta-gradient flows through :math:`\phi`'s direct use and through the inner
     steps (second order with :class:`~bilevel.ITD`); any estimator works as for :class:`MAML`.
+
+    Since the body is fixed during the inner loop, its features of the support set are computed
+    once per task (the problem's ``features``, :class:`~bilevel.BilevelProblem`) when the model
+    splits into body and head: a :class:`~bilevel.meta.convnet.ConvNet` with ``head=("head",)``,
+    or an ``nn.Sequential`` whose head is its last module(s) (the head's parameters are exactly
+    those of a run of final modules). Any other model (a plain forward function, a module of
+    another shape) runs the whole forward at every inner step. The meta-gradient is the same
+    either way, to float rounding; only the cost differs.
 
     Args:
         model: an ``nn.Module`` or a function ``forward(params, x)``.
@@ -92,6 +103,54 @@ class ANIL(AbstractMetaLearner):
 
     def _predict(self, hparams: Params, params: Params, x: Tensor) -> Tensor:
         return self._forward({**hparams, **params}, x)
+
+    @property
+    def _splits(self) -> bool:
+        return self._body_head is not None
+
+    def _embed(self, hparams: Params, x: Tensor) -> Tensor:
+        return self._body_head[0](hparams, x)
+
+    def _head(self, hparams: Params, params: Params, features: Tensor) -> Tensor:
+        return self._body_head[1](params, features)
+
+    @property
+    def _body_head(self) -> tuple[Forward, Forward] | None:
+        """``(body(hparams, x), head(head_params, features))`` when the model splits, else ``None``."""
+        if "_split" not in self.__dict__:
+            object.__setattr__(self, "_split", _split(self.model, self._forward.module, self.head))
+        return self.__dict__["_split"]
+
+
+def _split(model: object, module: nn.Module | None, head: tuple[str, ...]) -> tuple[Forward, Forward] | None:
+    """The body and the head of ``model`` with head parameters ``head`` (names or prefixes), or ``None``."""
+    if isinstance(model, ConvNet):
+        if model.ways is None or set(head) not in ({"head"}, {"head.weight", "head.bias"}):
+            return None
+        body = replace(model, ways=None)
+        return body, lambda p, h: nn.functional.linear(h, p["head.weight"], p["head.bias"])
+    if not isinstance(module, nn.Sequential):
+        return None
+    children = list(module.named_children())
+    owns = [[n for n, _ in child.named_parameters()] for _, child in children]
+    in_head = [[any(f"{name}.{n}" == p or f"{name}.{n}".startswith(p + ".") for p in head) for n in names]
+               for (name, _), names in zip(children, owns)]
+    first = next((i for i, flags in enumerate(in_head) if any(flags)), None)
+    if first is None or not any(owns[:first]):
+        return None
+    if not all(all(flags) for flags in in_head[first:]) or any(any(flags) for flags in in_head[:first]):
+        return None
+    body_module = nn.Sequential(OrderedDict(children[:first]))
+    head_module = nn.Sequential(OrderedDict(children[first:]))
+    body_names = {f"{name}.{n}" for (name, _), names in zip(children[:first], owns[:first]) for n in names}
+
+    def body(params: Params, x: Tensor) -> Tensor:
+        return functional_call(body_module, {k: v for k, v in params.items() if k in body_names}, (x,))
+
+    def head_fn(params: Params, features: Tensor) -> Tensor:
+        return functional_call(head_module, params, (features,))
+
+    return body, head_fn
 
 
 def _last_layer(model: nn.Module) -> tuple[str, ...]:

@@ -32,7 +32,9 @@ from .tasks import Tasks, split
 
 METHODS = ("maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "esj", "shared-ridge", "shared-softmax")
 #: Inner steps per method when ``inner_steps`` is not given (Reptile and iMAML need several).
-DEFAULT_STEPS = {"reptile": 5, "imaml": 5}
+DEFAULT_STEPS = {"reptile": 5, "imaml": 5, "shared-softmax": 30}
+#: The shared-softmax head's step, in units of ``1/L`` (see :class:`~bilevel.meta.SoftmaxHead`), when not given.
+HEAD_STEP = 1.0
 
 
 class EpisodeFamily:
@@ -83,7 +85,7 @@ def accuracy(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.argmax(-1) == labels).to(torch.float64).mean(-1)
 
 
-def make_learner(method: str, ways: int, *, hidden: int = 64, pool: str = "max", inner_lr: float = 0.4,
+def make_learner(method: str, ways: int, *, hidden: int = 64, pool: str = "max", inner_lr: float | None = None,
                  inner_steps: int | None = None, lam: float | None = None, dtype: torch.dtype = torch.float32,
                  seed: int = 0, directions: int = 8, smoothing: float = 1e-2) -> tuple[AbstractMetaLearner, Params]:
     r"""A learner on :class:`ConvNet` for ``ways``-way classification, and its starting meta-parameters.
@@ -93,7 +95,9 @@ def make_learner(method: str, ways: int, *, hidden: int = 64, pool: str = "max",
     cross-entropy and ``inner_steps`` steps of size ``inner_lr`` (default 0.4, Finn et al.'s Omniglot
     value; one step, five for ``"reptile"`` and ``"imaml"``); ``"reptile"`` (:class:`~bilevel.Reptile`,
     first order, meta-gradient :math:`\theta - y_N`), ``"imaml"`` (:class:`~bilevel.IMAML`, proximal
-    strength ``lam``, default 2.0, CG with 5 reverse-mode HVPs), ``"esj"`` (ANIL whose head-response
+    strength ``lam``, default 2.0, CG with at most 5 reverse-mode HVPs to relative residual 0.5;
+    its inner step must be smaller than MAML's: 5 steps of 0.4 diverge on most tasks at the start, 0.1 on
+    half of them, 0.05 on none; use ``inner_lr=0.05``), ``"esj"`` (ANIL whose head-response
     Jacobian :math:`\partial u_N / \partial \theta` is estimated by :class:`~bilevel.ESJ` from
     ``directions`` Gaussian perturbations of size ``smoothing`` — no second derivatives; the body's
     direct gradient stays exact, but the perturbations span all ~112k meta-parameters, and with 8
@@ -101,12 +105,17 @@ def make_learner(method: str, ways: int, *, hidden: int = 64, pool: str = "max",
     ``"shared-ridge"`` (embedding + ridge head on
     one-hot targets in closed form, R2D2-style;
     use :class:`EpisodeFamily` with ``one_hot=True``) and ``"shared-softmax"`` (embedding + softmax
-    head solved by 30 gradient steps, differentiated implicitly with CG). ``lam``: ridge (default 1.0)
-    or softmax (default 0.1) head penalty.
+    head solved by ``inner_steps`` gradient steps, default 30, differentiated implicitly with CG; the
+    head's objective is scaled by its per-task smoothness bound :math:`L`
+    (:class:`~bilevel.meta.SoftmaxHead` with ``scaled_step=True``), so ``inner_lr`` is the step in
+    units of :math:`1/L`: default 1.0, safe up to 1 on every task, whatever the embedding's scale).
+    ``lam``: ridge (default 1.0) or softmax (default 0.1) head penalty.
     """
     if method not in METHODS:
         raise ValueError(f"make_learner(method={method!r}): expected one of {METHODS}.")
     steps = DEFAULT_STEPS.get(method, 1) if inner_steps is None else inner_steps
+    if inner_lr is None:
+        inner_lr = HEAD_STEP if method == "shared-softmax" else 0.4
     shared = method.startswith("shared")
     net = ConvNet(ways=None if shared else ways, hidden=hidden, pool=pool)
     params = net.init(seed, dtype)
@@ -118,7 +127,7 @@ def make_learner(method: str, ways: int, *, hidden: int = 64, pool: str = "max",
     if method == "reptile":
         return MAML(net, inner=gd, estimator=estimators.Reptile(), loss=cross_entropy), params
     if method == "imaml":
-        cg = linear.CG(max_steps=5, rtol=0.1, atol=1e-6)
+        cg = linear.CG(max_steps=5, rtol=0.5, atol=1e-6)
         imaml = estimators.IMAML(lam=2.0 if lam is None else lam, linear_solver=cg, hvp="reverse")
         return MAML(net, inner=gd, estimator=imaml, loss=cross_entropy), params
     if method == "esj":
@@ -131,9 +140,9 @@ def make_learner(method: str, ways: int, *, hidden: int = 64, pool: str = "max",
         return learner, learner.init_hparams(params)
     if method == "shared-ridge":
         return SharedEmbedding(net, head=RidgeHead(lam=1.0 if lam is None else lam)), params
-    head = SoftmaxHead(ways=ways, lam=0.1 if lam is None else lam)
-    aid = estimators.AID(linear_solver=linear.CG(max_steps=20, rtol=1e-3, atol=1e-8))
-    return SharedEmbedding(net, head=head, inner=inner.GradientDescent(lr=0.5, steps=30), estimator=aid), params
+    head = SoftmaxHead(ways=ways, lam=0.1 if lam is None else lam, scaled_step=True)
+    aid = estimators.AID(linear_solver=linear.CG(max_steps=30, rtol=1e-2, atol=1e-8))
+    return SharedEmbedding(net, head=head, inner=gd, estimator=aid), params
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,11 @@ def run_omniglot(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {data}: {err}") from err
     family = EpisodeFamily(train_set, args.ways, args.shots, args.queries, one_hot=one_hot)
     val = EpisodeFamily(val_set, args.ways, args.shots, args.eval_queries, one_hot=one_hot)
-    learner, theta = make_learner(args.method, args.ways, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
+    inner_lr = args.inner_lr
+    if args.method == "shared-softmax" and "meta_train_parser" in vars(args) and \
+            inner_lr == args.meta_train_parser.get_default("inner_lr"):
+        inner_lr = None  # --inner-lr left at its default: the head's own step, 1/L (see make_learner)
+    learner, theta = make_learner(args.method, args.ways, inner_lr=inner_lr, inner_steps=args.inner_steps,
                                   lam=args.lam, seed=args.seed, directions=args.directions,
                                   smoothing=args.smoothing)
     limit = args.iterations if args.iterations is not None else (10**9 if args.minutes else 60_000)

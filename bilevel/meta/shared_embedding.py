@@ -74,19 +74,48 @@ class SoftmaxHead:
     convex (the softmax is invariant to a common shift of the biases) and implicit
     differentiation is well posed. Targets are ``(K,)`` integer labels in ``0 .. ways-1``.
 
+    With ``scaled_step=True`` the head's objective is divided, task by task, by an upper bound
+    :math:`L` of its smoothness (the largest eigenvalue of its Hessian), computed from the task's
+    features :math:`\tilde\Phi = [\Phi\ \mathbf 1]` (:math:`K` rows) as
+
+    .. math::
+
+        L = \frac{\lambda_{\max}(\tilde\Phi\tilde\Phi^\top)}{2K} + \lambda
+
+    (the softmax's log-partition has Hessian :math:`\operatorname{diag}(p) - pp^\top \preceq \frac12 I`),
+    and held constant (detached). The minimiser is unchanged, so an implicit hypergradient is too
+    (AID's linear system and cross term both scale by :math:`1/L`); what changes is the inner
+    solver's step: gradient descent with step :math:`\eta` on the scaled objective is gradient descent
+    with step :math:`\eta / L` on the head's, so :math:`\eta \le 1` is safe (monotone descent) on every
+    task, whatever the scale of the embedding — a fixed step is not: the embedding's feature norms
+    grow during meta-training. ``L`` is a tensor (no ``.item()``), so it runs under ``vmap``. The
+    inner objective's *values* (``hg.stats``, the growth check) are those of the scaled objective,
+    and an :class:`~bilevel.IMAML` proximal term added to it weighs :math:`L` times more.
+
     Args:
         ways: number of classes.
         lam: the penalty :math:`\lambda > 0` (default 0.1), which makes the head strongly convex.
+        scaled_step: divide the head's objective by the bound :math:`L` above (default ``False``).
     """
 
     ways: int
     lam: float = 0.1
+    scaled_step: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.ways, bool) or not isinstance(self.ways, int) or self.ways < 2:
             raise ValueError(f"SoftmaxHead(ways={self.ways!r}): expected an int >= 2 (classes per task).")
         if not (isinstance(self.lam, (int, float)) and self.lam > 0):
             raise ValueError(f"SoftmaxHead(lam={self.lam!r}): the penalty must be positive.")
+        if not isinstance(self.scaled_step, bool):
+            raise TypeError(f"SoftmaxHead(scaled_step={self.scaled_step!r}): expected True or False.")
+
+    def smoothness(self, features: Tensor) -> Tensor:
+        r"""The bound :math:`L = \lambda_{\max}(\tilde\Phi\tilde\Phi^\top) / (2K) + \lambda` of
+        the head objective's smoothness for ``(K, d)`` features, a 0-dim tensor (not detached)."""
+        k = features.shape[0]
+        tilde = torch.cat([features, features.new_ones(k, 1)], dim=1)
+        return torch.linalg.eigvalsh(tilde @ tilde.T)[-1] / (2 * k) + self.lam
 
     def zeros(self, features: int, targets: Tensor, dtype: torch.dtype = torch.float32) -> Params:
         return {"w": torch.zeros(features, self.ways, dtype=dtype), "b": torch.zeros(self.ways, dtype=dtype)}
@@ -187,9 +216,11 @@ class SharedEmbedding(AbstractMetaLearner):
         raise NotImplementedError  # the zero head is built per meta-batch by _task_problem
 
     def _task_problem(self, hparams: Params, support: Pair) -> BilevelProblem:
-        """The problem whose ``init`` is the constant zero head (not learned: ``J_init = 0``)."""
+        """The problem whose ``init`` is the constant zero head (not learned: ``J_init = 0``), in its
+        ``features`` form: each task's support set is embedded once, not at every inner step."""
         zeros = self.zero_head(hparams, support)
-        return BilevelProblem(inner=self._inner_objective, outer=self._outer_objective, init=lambda x: dict(zeros))
+        return BilevelProblem(inner=self._inner_on_features, outer=self._outer_objective, init=lambda x: dict(zeros),
+                              features=self._support_features)
 
     def zero_head(self, hparams: Params, support: Pair) -> Params:
         """Each task's head start: zeros shaped by the embedding's feature count and the targets."""
@@ -204,6 +235,22 @@ class SharedEmbedding(AbstractMetaLearner):
 
     def _predict(self, hparams: Params, params: Params, x: Tensor) -> Tensor:
         return self.head.predict(params, self._forward(hparams, x))
+
+    def _embed(self, hparams: Params, x: Tensor) -> Tensor:
+        return self._forward(hparams, x)
+
+    def _head(self, hparams: Params, params: Params, features: Tensor) -> Tensor:
+        return self.head.predict(params, features)
+
+    def _inner_on_features(self, hparams: Params, params: Params, batch: Pair) -> Tensor:
+        features, y = batch
+        value = self.head.loss(self.head.predict(params, features), y) + self.head.penalty(params)
+        if isinstance(self.head, SoftmaxHead) and self.head.scaled_step:
+            value = value / self.head.smoothness(features.detach())
+        return value
+
+    def _inner_objective(self, hparams: Params, params: Params, batch: Pair) -> Tensor:
+        return self._inner_on_features(hparams, params, self._support_features(hparams, batch))
 
     def _loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return self.head.loss(pred, target)
