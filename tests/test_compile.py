@@ -318,6 +318,27 @@ def test_maml_meta_gradient_matches_eager(granularity):
     compiled = bl.Compiled(bl.ITD(), granularity=granularity, backend="eager")
     fast = bl.meta.MAML(net, inner=inner, estimator=compiled)
     assert rel(fast.meta_gradient(theta, tasks).value, eager.meta_gradient(theta, tasks).value) <= 1e-6
+    # the same compiled unit serves a caller that wants the adapted parameters
+    mine, ref = (m.meta_gradient(theta, tasks, return_params=True) for m in (fast, eager))
+    assert rel(mine.hypergrad.params, ref.hypergrad.params) <= 1e-6 and rel(mine.value, ref.value) <= 1e-6
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_whole_estimator_unit_serves_both_return_params(problems, first):
+    # The unit's output structure is learnt once (an eager call) and reused by the traced call:
+    # it must not depend on whether this caller wants the inner solution (regression: a
+    # return_params=False caller made ITD leave the params out of the learnt structure only).
+    q = problems[torch.float64]
+    inner = bl.GradientDescent(lr=0.1, steps=STEPS)
+    estimator = bl.Compiled(bl.ITD(), granularity="estimator", backend="eager")
+    for keep in (first, not first):
+        kw = dict(inner=inner, return_params=keep)
+        mine = bl.hypergrad(q.problem, q.hparams(), None, estimator=estimator, **kw)
+        ref = bl.hypergrad(q.problem, q.hparams(), None, estimator=bl.ITD(), **kw)
+        assert rel(mine.value, ref.value) <= 1e-10
+        assert (mine.params is None) == (not keep)
+        if keep:
+            assert rel(mine.params, ref.params) <= 1e-10
 
 
 def test_forward_mode_over_a_compiled_call_runs_eagerly_with_a_warning(problems):

@@ -12,7 +12,7 @@ from .. import _runner
 from .._batch import is_stochastic
 from .._problem import BilevelProblem
 from .._tree import Batch, Params
-from ..estimators._base import AbstractEstimator, Counts, Estimate
+from ..estimators._base import _KEEP_PARAMS, AbstractEstimator, Counts, Estimate
 from ..inner._base import AbstractInnerSolver
 from ._primitives import CompiledLinearSolver, Runner
 from ._fallback import warn_once
@@ -160,9 +160,15 @@ class Compiled(AbstractEstimator):
             return estimator.run(problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0)
 
         name = f"the whole estimator {estimator!r} on g={getattr(problem.inner, '__qualname__', problem.inner)}"
-        return self._runner.call(("estimator", estimator), name, whole,
-                                 (problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0),
-                                 problem=problem)
+        # One output structure for the eager call that learns it and the traced one (where
+        # keep_params() is always True): the unit keeps the params, the caller drops them.
+        token = _KEEP_PARAMS.set(True)
+        try:
+            return self._runner.call(("estimator", estimator), name, whole,
+                                     (problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0),
+                                     problem=problem)
+        finally:
+            _KEEP_PARAMS.reset(token)
 
 
 #: The oldest torch whose dynamo traces torch.func transforms inside compiled code.
