@@ -157,6 +157,40 @@ def test_library_products_count_matrix_results_and_large_matrix_vector_products(
     assert not _backend.wants_cpp_wrapper(graphs[0], [a, b, m, v])
 
 
+def test_decomposition_table_has_a_stable_cache_key_that_follows_the_blas_threshold(monkeypatch):
+    # torch's FX-graph cache pickles the compile options into its key; a plain copy of inductor's
+    # table (which holds C++ functions) could not be pickled, and every unit bypassed the cache.
+    from torch._inductor.codecache import FxGraphCachePickler
+
+    pickler = FxGraphCachePickler(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()))
+    table = _backend._decompositions()
+    assert table[torch.ops.aten.mv.default] is _backend._mv
+    key = pickler.get_hash(table)
+    assert pickler.get_hash(_backend._decompositions()) == key
+    monkeypatch.setattr(_backend, "BLAS_MV_ENTRIES", 7)
+    assert pickler.get_hash(table) != key
+    with _backend._keyed():
+        assert torch.compiler.config.cache_key_tag.endswith(_backend._digest()[:16])
+
+
+def test_a_recompiled_unit_comes_from_torchs_disk_caches(fresh_compile_state):
+    # The same unit compiled again (after the library forgot it: as in a new process) is loaded from
+    # torch's on-disk caches: the AOT-autograd cache hits and nothing bypasses the FX-graph cache.
+    from torch._dynamo.utils import counters
+
+    r = ridge_problem(n_samples=19, dim=5, seed=4)
+    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=r.train, outer_batch=r.val, throw=False)
+    est = bl.Compiled(bl.FirstOrder(), chunk=CHUNK)
+    first = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=est, **kw)
+    _unit.clear()
+    counters.clear()
+    again = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=est, **kw)
+    assert counters["aot_autograd"]["autograd_cache_hit"] >= 1
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
+    assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+    assert rel(again.value, first.value) == 0.0
+
+
 def test_cpp_wrapper_options_keep_only_what_this_torch_knows(monkeypatch):
     # The two-run build of the C++ wrapper is an inductor option of recent torch; an option this torch
     # lacks would make compile_fx fail (and every unit fall back to eager), so it is dropped.

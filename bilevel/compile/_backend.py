@@ -3,6 +3,7 @@ C++ wrapper for graphs of many library products (fewer C++ compiler runs, less c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -19,10 +20,11 @@ def inductor_backend(opts: Options) -> Callable:
     C++ wrapper for CPU graphs that call many library products (see :func:`wants_cpp_wrapper` and
     :data:`CPP_WRAPPER_OPTIONS`).
 
-    The AOT-autograd cache, whose key does not see the decomposition table, is off for these
-    compilations; inductor's own FX-graph cache, keyed on the decomposed graph, stays on.
+    Torch's on-disk caches (inductor's FX-graph cache and the AOT-autograd cache) stay on: the
+    decomposition table enters their keys as a digest of what it changes (:class:`_DecompTable`,
+    :func:`_keyed`), so a second process with the same graphs loads the compiled code instead of
+    compiling it.
     """
-    from torch._functorch import config as functorch_config
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
@@ -30,7 +32,7 @@ def inductor_backend(opts: Options) -> Callable:
 
     def inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         chosen = {**patches, **cpp_wrapper_options()} if wants_cpp_wrapper(gm, example_inputs) else patches
-        with functorch_config.patch(enable_autograd_cache=False):
+        with _keyed():
             return compile_fx(gm, example_inputs, config_patches=chosen, decompositions=_decompositions())
 
     return inductor
@@ -126,10 +128,65 @@ def _mv(matrix: Tensor, vector: Tensor) -> Tensor:
     return mv(matrix, vector)
 
 
+def _keyed() -> contextlib.AbstractContextManager:
+    """``torch.compiler.config.cache_key_tag`` with :func:`_digest` appended, for one compilation.
+
+    The AOT-autograd cache keys its entries on dynamo's graph and the compile options but not on
+    the decompositions passed to inductor (which shape the graph it caches); the tag is in its
+    key (and in the FX-graph cache's), so entries compiled with another :func:`_mv` are not
+    reused. A tag the user set is kept in front of ours. A torch without the tag gets the
+    AOT-autograd cache turned off for the compilation instead."""
+    from torch._functorch import config as functorch_config
+
+    compiler_config = getattr(torch.compiler, "config", None)
+    if compiler_config is not None and hasattr(compiler_config, "cache_key_tag"):
+        tag = compiler_config.cache_key_tag
+        ours = f"bilevel-mv-{_digest()[:16]}"
+        return compiler_config.patch(cache_key_tag=f"{tag}|{ours}" if tag else ours)
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        return functorch_config.patch(enable_autograd_cache=False)
+    return contextlib.nullcontext()
+
+
+class _DecompTable(dict):
+    """Inductor's decomposition table with :func:`_mv` for ``aten.mv``, pickled (as torch's cache
+    keys pickle the compile options) as the digest of what it changes.
+
+    Inductor's own table holds C++ functions that cannot be pickled, so a plain copy of it put
+    every compilation past torch's FX-graph cache ("Cannot produce stable cache key"): each new
+    process compiled every unit anew. The digest keeps the keys stable across processes and
+    changes whenever :func:`_mv` or :data:`BLAS_MV_ENTRIES` does (inductor's own table changes
+    only with torch, whose version is in the keys already).
+    """
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return _decompositions_for, (_digest(),)
+
+
+def _decompositions_for(digest: str) -> dict:
+    """The table a pickled :class:`_DecompTable` stands for (``digest``: :func:`_digest`)."""
+    return _decompositions()
+
+
+def _digest() -> str:
+    """What the table changes, as a hex digest: the source of :func:`_mv` and the current
+    :data:`BLAS_MV_ENTRIES` (read at every compilation, as :func:`_mv` reads it)."""
+    import hashlib
+
+    return hashlib.sha256(f"{_mv_source()}\n{BLAS_MV_ENTRIES}".encode()).hexdigest()
+
+
 @functools.cache
-def _decompositions() -> dict:
+def _mv_source() -> str:
+    import inspect
+
+    return inspect.getsource(_mv)
+
+
+@functools.cache
+def _decompositions() -> _DecompTable:
     from torch._inductor.decomposition import select_decomp_table
 
-    table = dict(select_decomp_table())
+    table = _DecompTable(select_decomp_table())
     table[torch.ops.aten.mv.default] = _mv
     return table
