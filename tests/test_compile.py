@@ -173,6 +173,22 @@ def test_decomposition_table_has_a_stable_cache_key_that_follows_the_blas_thresh
         assert torch.compiler.config.cache_key_tag.endswith(_backend._digest()[:16])
 
 
+def test_cache_digest_needs_no_installed_source(monkeypatch):
+    # Installed without its .py files (bytecode only), the digest falls back to _mv's bytecode
+    # instead of failing every compilation (which would run everything eagerly).
+    import inspect
+
+    def no_source(obj):
+        raise OSError("could not get source code")
+
+    _backend._mv_source.cache_clear()
+    monkeypatch.setattr(inspect, "getsource", no_source)
+    try:
+        assert len(_backend._digest()) == 64 and _backend._mv.__code__.co_code.hex() in _backend._mv_source()
+    finally:
+        _backend._mv_source.cache_clear()
+
+
 def test_a_recompiled_unit_comes_from_torchs_disk_caches(fresh_compile_state):
     # The same unit compiled again (after the library forgot it: as in a new process) is loaded from
     # torch's on-disk caches: the AOT-autograd cache hits and nothing bypasses the FX-graph cache.

@@ -178,9 +178,13 @@ def _digest() -> str:
 
 @functools.cache
 def _mv_source() -> str:
+    """The source of :func:`_mv`, or its bytecode and constants where the source is not installed."""
     import inspect
 
-    return inspect.getsource(_mv)
+    try:
+        return inspect.getsource(_mv)
+    except (OSError, TypeError):
+        return f"{_mv.__code__.co_code.hex()} {_mv.__code__.co_consts!r}"
 
 
 @functools.cache
