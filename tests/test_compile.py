@@ -12,6 +12,7 @@ no-recompile check rides on those compilations.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -196,7 +197,7 @@ def test_a_recompiled_unit_comes_from_torchs_disk_caches(fresh_compile_state):
 
     r = ridge_problem(n_samples=19, dim=5, seed=4)
     kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=r.train, outer_batch=r.val, throw=False)
-    est = bl.Compiled(bl.FirstOrder(), chunk=CHUNK)
+    est = bl.Compiled(bl.FirstOrder(), granularity="chunk", chunk=CHUNK)  # torch caches no scan (the loop units)
     first = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=est, **kw)
     _unit.clear()
     counters.clear()
@@ -291,8 +292,10 @@ def test_aid_default_hvp_mode_is_chosen_by_device(problems):
     assert rel(fwd.value, rev.value) <= 1e-10
 
 
-def test_status_and_first_bad_step_survive_chunking():
-    # lr far above 2 / L: the iterates grow ~250x per step and overflow after dozens of steps, in a late chunk.
+@pytest.mark.parametrize("granularity", ["chunk", "loop"])
+def test_status_and_first_bad_step_survive_chunking(granularity):
+    # lr far above 2 / L: the iterates grow ~250x per step and overflow after dozens of steps, in a late
+    # chunk (or pass of the compiled loop).
     q = quadratic_problem(dim_y=3, dim_x=2, seed=0, condition=10.0)
     inner = bl.GradientDescent(lr=25.0, steps=80)
 
@@ -304,12 +307,14 @@ def test_status_and_first_bad_step_survive_chunking():
 
     eager = message(bl.FirstOrder())
     assert int(eager) > 16
-    assert message(bl.Compiled(bl.FirstOrder(), chunk=CHUNK, backend="eager")) == eager
+    assert message(bl.Compiled(bl.FirstOrder(), granularity=granularity, chunk=CHUNK, backend="eager")) == eager
 
 
+@pytest.mark.parametrize("granularity", ["chunk", "loop"])
 @pytest.mark.parametrize("estimator", [bl.FirstOrder(), pytest.param(bl.AID(linear_solver=bl.Neumann(
     steps=3, alpha=0.1)), marks=pytest.mark.slow)], ids=["FirstOrder", "AID-Neumann"])
-def test_tolerance_masking_and_sampler_batches_match_eager(estimator):
+def test_tolerance_masking_and_sampler_batches_match_eager(estimator, granularity):
+    # With a sampler the loop granularity runs chunks (a batch per step is drawn in Python).
     r = ridge_problem(n_samples=40, dim=4, seed=2)
 
     def draw(step):
@@ -321,9 +326,85 @@ def test_tolerance_masking_and_sampler_batches_match_eager(estimator):
     kw = dict(inner=inner, inner_batch=sampler, outer_batch=r.val, throw=False)
     eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=estimator, **kw)
     fast = bl.hypergrad(r.problem, r.hparams(), r.params0(), **kw,
-                        estimator=bl.Compiled(estimator, chunk=CHUNK, backend="eager"))
+                        estimator=bl.Compiled(estimator, granularity=granularity, chunk=CHUNK, backend="eager"))
     assert fast.result is eager.result and fast.stats["inner_steps"] == eager.stats["inner_steps"]
     assert rel(fast.value, eager.value) <= 1e-12
+
+
+def _spy_on_loops(monkeypatch) -> list[int]:
+    """The number of steps of every inner run that went through a compiled loop unit."""
+    from bilevel.compile._primitives import Runner
+    ran, loop_unit = [], Runner._loop_unit
+
+    def spy(self, solver, loop, problem, hparams, batch, start, stop, like):
+        out = loop_unit(self, solver, loop, problem, hparams, batch, start, stop, like)
+        if out is not None:
+            ran.append(stop - start)
+        return out
+    monkeypatch.setattr(Runner, "_loop_unit", spy)
+    return ran
+
+
+@pytest.mark.parametrize("tol", [None, 3e-2], ids=["fixed-steps", "tolerance"])
+def test_loop_granularity_runs_the_inner_solve_as_one_compiled_loop(monkeypatch, tol):
+    # Fixed batches, no transform: the whole inner run is one unit (torch's scan over one step), with the
+    # eager numbers, statuses and counts, stopping on the tolerance where one is set.
+    bodies = _spy_on_loops(monkeypatch)
+    r = ridge_problem(n_samples=30, dim=4, seed=5)
+    inner = bl.GradientDescent(lr=0.2, steps=7, tol=tol)
+    kw = dict(inner=inner, inner_batch=r.train, outer_batch=r.val, throw=False)
+    estimator = bl.AID(linear_solver=bl.CG(max_steps=3))
+    eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=estimator, **kw)
+    fast = bl.hypergrad(r.problem, r.hparams(), r.params0(), **kw,
+                        estimator=bl.Compiled(estimator, granularity="loop", chunk=CHUNK, backend="eager"))
+    assert bodies == [7]
+    assert fast.result is eager.result
+    for key in ("inner_steps", "linear_steps", "num_grad", "num_hvp"):
+        assert fast.stats[key] == eager.stats[key]
+    assert float(fast.outer_value) == pytest.approx(float(eager.outer_value), rel=1e-12)
+    if tol is not None:
+        assert eager.stats["inner_steps"] < 7  # the tolerance stopped it early
+    assert rel(fast.value, eager.value) <= 1e-12 and rel(fast.params, eager.params) <= 1e-12
+
+
+def test_loop_granularity_runs_chunks_under_transforms_and_where_the_loop_does_not_compile(monkeypatch):
+    # Under vmap (and ITD's grad) torch's scan is not usable: chunks, silently. A loop that fails to
+    # compile: one warning naming it, the eager numbers, and chunks from then on.
+    from bilevel.compile import _primitives
+    tasks = [ridge_problem(n_samples=20, dim=3, seed=s) for s in range(2)]
+    stack = lambda parts: tuple(torch.stack(ts) for ts in zip(*parts))  # noqa: E731
+    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=stack([t.train for t in tasks]),
+              outer_batch=stack([t.val for t in tasks]))
+    x = {k: torch.stack([t.hparams()[k] for t in tasks]) for k in tasks[0].hparams()}
+    y = {k: torch.stack([t.params0()[k] for t in tasks]) for k in tasks[0].params0()}
+    loops = _spy_on_loops(monkeypatch)
+    for estimator in (bl.FirstOrder(), bl.ITD()):
+        eager = bl.vmap_hypergrad(tasks[0].problem, x, y, estimator=estimator, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fast = bl.vmap_hypergrad(tasks[0].problem, x, y, **kw,
+                                     estimator=bl.Compiled(estimator, granularity="loop", chunk=CHUNK, backend="eager"))
+        assert rel(fast.value, eager.value) <= 1e-12
+    assert loops == []
+
+    scan = _primitives._scan
+
+    def uncompilable_scan(body, init, xs):  # eager it runs; dynamo cannot trace it (with fullgraph)
+        if torch.compiler.is_compiling():
+            torch._dynamo.graph_break()
+        return scan(body, init, xs)
+    monkeypatch.setattr(_primitives, "_scan", uncompilable_scan)
+    r = ridge_problem(n_samples=21, dim=3, seed=6)
+    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=r.train, outer_batch=r.val)
+    eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=bl.FirstOrder(), **kw)
+    estimator = bl.Compiled(bl.FirstOrder(), granularity="loop", chunk=CHUNK, backend="eager")
+    with pytest.warns(RuntimeWarning, match=r"could not compile the 4-step inner loop of g=ridge_inner.*Running "
+                                            r"chunks of \d+ inner steps instead"):
+        first = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=estimator, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=estimator, **kw)
+    assert rel(first.value, eager.value) <= 1e-12 and rel(again.value, eager.value) <= 1e-12
 
 
 # --------------------------------------------------------------------------- transforms
@@ -419,17 +500,25 @@ def plain_outer(hparams, params, batch):
     return ((params["y"] - 1.0) ** 2).sum()
 
 
-def test_an_uncompilable_objective_warns_once_naming_it_and_runs_eagerly():
+@pytest.mark.parametrize("granularity", ["auto", "loop", "chunk"])
+def test_an_uncompilable_objective_warns_once_naming_it_and_runs_eagerly(granularity, fresh_compile_state):
     problem = bl.BilevelProblem(inner=branchy_inner, outer=plain_outer)
     x, y = {"x": torch.tensor([0.3, -0.1], dtype=torch.float64)}, {"y": torch.ones(3, dtype=torch.float64)}
     inner = bl.GradientDescent(lr=0.3, steps=STEPS)
     plain = bl.AID(linear_solver=bl.CG(max_steps=3))
     ref = bl.hypergrad(problem, x, y, inner=inner, estimator=plain)
-    estimator = bl.Compiled(plain, chunk=CHUNK, backend="eager")
-    with pytest.warns(RuntimeWarning, match=r"could not compile .*g=branchy_inner.*Running the problem with "
-                                            r"g=branchy_inner, f=plain_outer eagerly") as record:
+    estimator = bl.Compiled(plain, granularity=granularity, chunk=CHUNK, backend="eager")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         out = bl.hypergrad(problem, x, y, inner=inner, estimator=estimator)
-    assert len([w for w in record if "could not compile" in str(w.message)]) == 1
+    messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    eager = [m for m in messages if re.search(r"could not compile .*g=branchy_inner.*Running the problem with "
+                                              r"g=branchy_inner, f=plain_outer eagerly", m)]
+    # the loop (under "auto" and "loop") fails first and its chunks are tried: only "loop", asked for
+    # explicitly, says so; the chunks fail too, and the problem goes eager with one warning
+    loop = [m for m in messages if re.search(r"could not compile the 4-step inner loop of g=branchy_inner.*"
+                                             r"Running chunks of 2 inner steps instead", m)]
+    assert len(eager) == 1 and len(loop) == (granularity == "loop") and len(messages) == 1 + len(loop), messages
     assert rel(out.value, ref.value) <= 1e-12
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one-time: the second call is silent

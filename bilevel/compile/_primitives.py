@@ -2,7 +2,8 @@
 
 The primitives are the ones every estimator is written in (see :mod:`bilevel._runner`):
 
-* ``loop_run`` — a run of inner steps, split into units of ``chunk`` steps;
+* ``loop_run`` — a run of inner steps, split into units of ``chunk`` steps, or (``loop`` set)
+  one unit that runs every step in a compiled loop (torch's ``scan``, see :class:`_LoopBody`);
 * ``hvp_yy`` — a Hessian-vector product (a unit per product);
 * ``cross_vjp`` and ``outer_grads`` — the mixed second derivative and the outer gradients;
 * a linear solve (all its iterations and HVPs in one unit), for estimators with a
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import _runner
 from .._batch import Sampler, batch_at, is_stochastic
@@ -32,7 +33,8 @@ from .._result import LinearSolution
 from ..inner._base import AbstractInnerSolver, LoopState, loop_run
 from ..linear._base import AbstractLinearSolver, MatVec
 from ._trees import merge, rebuild, split, static_key, template_of, tensors_of
-from ._unit import Options, Unit, intern, run
+from ._fallback import warn_once
+from ._unit import Options, Unit, UseAlternative, intern, is_failed, plain_call, run
 
 _structures: dict[Hashable, Any] = {}  # output template of each unit learnt by an eager call
 
@@ -42,7 +44,7 @@ class Prepared:
     the same structure (same problem, same tree structures, new tensors)."""
 
     def __init__(self, runner: "Runner", kind: Hashable, name: str, fn: Callable[..., Any], args: tuple,
-                 like: Any = None, problem: Any = None) -> None:
+                 like: Any = None, problem: Any = None, alternative: str = "") -> None:
         _, spec, statics = split(args)
         key = intern((kind, runner.options, spec, runner.key_of(statics)))
         if like is None:
@@ -59,7 +61,7 @@ class Prepared:
 
         group = None if problem is None else runner.key_of(problem)
         self.unit = Unit(key, unit_fn, name=name, options=runner.options, group=group,
-                         group_name="" if problem is None else _problem_name(problem))
+                         group_name="" if problem is None else _problem_name(problem), alternative=alternative)
 
     def __call__(self, *args: Any) -> Any:
         out = run(self.unit, tuple(tensors_of(args, [])))
@@ -69,8 +71,10 @@ class Prepared:
 class Runner:
     """Executes the primitives as compiled units (installed by :class:`bilevel.Compiled` for one call)."""
 
-    def __init__(self, chunk: int | None, options: Options) -> None:
+    def __init__(self, chunk: int | None, options: Options, loop: str | None = None) -> None:
         self.chunk = chunk          # inner steps per unit; None: the whole run of steps
+        self.loop = loop            # the whole run as one compiled loop where it can be (else chunks):
+        #                             "loop" warns when it cannot be compiled, "auto" takes chunks silently
         self.options = options
         self._keys: dict[int, tuple[Any, Hashable]] = {}
         self._scalars: dict[tuple, Tensor] = {}
@@ -117,6 +121,10 @@ class Runner:
         size = stop - start if self.chunk is None else self.chunk
         like = next(iter(loop.solver[0].values()))
         stochastic = is_stochastic(batch)
+        if self.loop and not stochastic and _scan is not None:
+            ran = self._loop_unit(solver, loop, problem, hparams, batch, start, stop, like)
+            if ran is not None:
+                return ran
         prepared: dict[tuple, Prepared] = {}
         pos = start
         while pos < stop:
@@ -132,6 +140,30 @@ class Runner:
             loop = unit(*args)
             pos += n
         return loop
+
+    def _loop_unit(self, solver: AbstractInnerSolver, loop: LoopState, problem: BilevelProblem, hparams: dict,
+                   batch: Any, start: int, stop: int, like: Tensor) -> LoopState | None:
+        """Steps ``start .. stop-1`` as one unit that runs them in a compiled loop (:class:`_LoopBody`);
+        ``None`` where that cannot be: under a ``torch.func`` transform or with gradients to record
+        (torch's ``scan`` is neither batched nor differentiated there), a solver state that is not
+        all tensors, or a loop that failed to compile before (the caller then runs chunks)."""
+        if not all(isinstance(v, Tensor) for v in tree_flatten(loop)[0]):
+            return None
+        args = (problem, loop, hparams, batch, self.scalar(start - 1, like), self.scalar(start == 0, like))
+        if not plain_call(tuple(tensors_of(args, []))):
+            return None
+        body = _LoopBody(solver, stop - start)
+        prepared = Prepared(self, ("loop", body), f"the {stop - start}-step inner loop of g={_name(problem.inner)}",
+                            body, args, like=loop, problem=problem, alternative="chunks")
+        if is_failed(prepared.unit):
+            return None
+        try:
+            return prepared(*args)
+        except UseAlternative as why:
+            if self.loop == "loop" and not why.told:
+                warn_once(("unit", prepared.unit.key), f"bl.Compiled: could not compile {prepared.unit.name}: "
+                          f"{why.reason} Running chunks of {self.chunk} inner steps instead from now on.")
+            return None
 
     def hvp_yy(self, problem: BilevelProblem, hparams: dict, params: dict, batch: Any, mode: str) -> MatVec:
         return _MatVec(self, problem, hparams, params, batch, mode)
@@ -182,6 +214,55 @@ class _ChunkBody:
         new_bad = (loop.bad_step < 0) & (out.bad_step >= 0)
         bad = torch.where(new_bad, out.bad_step + offset, out.bad_step)
         return out._replace(bad_step=bad, loss0=torch.where(first, losses[0], loop.loss0))
+
+
+try:  # torch's scan (a loop compiled once, whatever its length); torch 2.6 and later
+    from torch._higher_order_ops.scan import scan as _scan
+except ImportError:  # pragma: no cover - older torch: chunks instead
+    _scan = None
+
+
+@dataclass(frozen=True)
+class _LoopBody:
+    """``n`` inner steps from ``loop``, as :func:`loop_run` runs them from step ``pos``, in one
+    compiled loop: torch's ``scan`` over one step, whose body is traced and compiled once, so the
+    unit compiles in the time of one step whatever ``n`` is (the unrolled units of ``"solve"``
+    grow with ``n``, and ``"chunk"`` calls a unit every ``chunk`` steps).
+
+    Each pass runs step 1 of :func:`loop_run` on the carry (the loop state's tensors) and emits
+    that step's loss and whether it was NaN/inf; the index of the first such step (numbered from
+    ``pos``: ``offset = pos - 1``) and the loss at the start (``first``: ``pos == 0``) are put
+    back afterwards, as :class:`_ChunkBody` does. The carry goes in and out as fresh tensors
+    (``scan`` refuses a carry that aliases its inputs or itself, as ``loop_start``'s shared zero does).
+    """
+
+    solver: AbstractInnerSolver
+    n: int
+
+    def __call__(self, problem: BilevelProblem, loop: LoopState, hparams: dict, batch: Any, offset: Tensor,
+                 first: Tensor) -> LoopState:
+        value_and_grad = grad_and_value(lambda y, b: problem.inner_value(hparams, y, b))
+        tensors, spec = tree_flatten(loop)
+
+        def one_step(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
+            state = tree_unflatten(carry, spec)
+            losses: list[Tensor] = []
+
+            def grad_fn(y: dict, k: int) -> tuple[dict, Tensor]:
+                g, loss = value_and_grad(y, batch)
+                losses.append(loss)
+                return g, loss
+
+            out = loop_run(self.solver, state._replace(bad_step=torch.full_like(state.bad_step, -1)), grad_fn, 1, 2)
+            bad = out.bad_step >= 0
+            out = out._replace(bad_step=state.bad_step)
+            return [t.clone() for t in tree_flatten(out)[0]], (losses[0].clone(), bad)
+
+        carry, (losses, bad) = _scan(one_step, [t.clone() for t in tensors], torch.zeros(self.n, device=offset.device))
+        out = tree_unflatten(carry, spec)
+        first_bad = torch.argmax(bad.to(torch.uint8)) + offset + 1  # argmax: the first maximum
+        new_bad = torch.where((loop.bad_step < 0) & bad.any(), first_bad, loop.bad_step)
+        return out._replace(bad_step=new_bad, loss0=torch.where(first, losses[0], loop.loss0))
 
 
 class _MatVec:

@@ -67,7 +67,11 @@ class Unit:
     ``name`` says what the unit is, for warnings (e.g. ``"10 inner steps of g=ridge_inner"``).
     Units of one ``group`` (one problem) fall back to eager together: when one of them
     cannot be compiled, the others run eagerly too (``group_name`` names the group).
-    ``transforms`` are applied to ``fn`` in order (the first is innermost).
+    ``transforms`` are applied to ``fn`` in order (the first is innermost). A unit with an
+    ``alternative`` (e.g. ``"chunks"`` of inner steps) has no eager form (torch's ``scan`` compiles
+    even when called eagerly): where it cannot be compiled, :func:`run` raises
+    :class:`UseAlternative` and the caller runs the alternative (which then compiles, or falls back
+    to eager, on its own); its group stays compiled, and :func:`is_failed` tells later calls.
     """
 
     key: Hashable
@@ -77,6 +81,7 @@ class Unit:
     group_name: str = field(default="", compare=False)
     options: Options = Options()
     transforms: tuple[Transform, ...] = ()
+    alternative: str = field(default="", compare=False)
 
     def vmapped(self, in_dims: tuple[int | None, ...], randomness: str) -> "Unit":
         return replace(self, transforms=self.transforms + (("vmap", in_dims, randomness),))
@@ -120,6 +125,29 @@ def intern(key: Hashable) -> int:
     if found is None:
         found = _interned[key] = len(_interned)
     return found
+
+
+def plain_call(leaves: tuple[Tensor, ...]) -> bool:
+    """Whether :func:`run` would call a unit on ``leaves`` directly: no ``torch.func`` transform
+    active and no gradient to record (else it goes through :class:`_Function`, whose backward and
+    vmap rules transform the unit)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in leaves))
+
+
+class UseAlternative(Exception):
+    """Raised by :func:`run` for a unit with an ``alternative`` that cannot be compiled: ``reason``
+    says why; ``told`` when a warning has said so already (its group or backend fell back to eager)."""
+
+    def __init__(self, reason: str, told: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.told = reason, told
+
+
+def is_failed(unit: Unit) -> bool:
+    """Whether ``unit`` was tried and could not be compiled (it then runs eagerly, or its alternative)."""
+    return _cache.get(unit) is _FAILED
 
 
 def run(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -192,6 +220,8 @@ def _execute(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     if compiled is _FAILED or unit.group in _failed_groups or unit.options.backend in _broken_backends:
+        if unit.alternative:
+            raise UseAlternative("it could not be compiled before", told=compiled is not _FAILED)
         return eager(unit, leaves)
     try:
         before = _runner.compile_clock()
@@ -200,6 +230,9 @@ def _execute(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             compile_log.append((unit.name, unit.transforms, spent))
         return out
     except Exception as err:  # noqa: BLE001 - any failure to compile falls back to the eager unit
+        if unit.alternative:  # the alternative raises a genuine error in the user's code, or compiles
+            _cache[cache_key] = _FAILED
+            raise UseAlternative(describe(err)) from err
         out = eager(unit, leaves)  # a genuine error in the user's code raises here, with its notes
         _cache[cache_key] = _FAILED
         if is_compiler_failure(err):

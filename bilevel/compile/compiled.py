@@ -18,8 +18,8 @@ from ._primitives import CompiledLinearSolver, Runner
 from ._fallback import warn_once
 from ._unit import Options
 
-Granularity = Literal["auto", "step", "chunk", "solve", "estimator"]
-_GRANULARITIES = ("auto", "step", "chunk", "solve", "estimator")
+Granularity = Literal["auto", "loop", "step", "chunk", "solve", "estimator"]
+_GRANULARITIES = ("auto", "loop", "step", "chunk", "solve", "estimator")
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,18 @@ class Compiled(AbstractEstimator):
 
     * ``"auto"`` (default): ``"estimator"`` when the inner solver runs at most ``chunk``
       steps on fixed batches (MAML-style: measured 2.6x and 5x faster than eager for 1 and
-      5 steps, where ``"chunk"`` was slower than eager), else ``"chunk"`` (100-step ridge
-      solves: 8.6x and 3.4x faster than the eager reference at d = 200 and 2000).
+      5 steps, where ``"chunk"`` was slower than eager); else ``"loop"`` (which runs as
+      ``"chunk"`` where it cannot loop).
+    * ``"loop"``: the whole run of inner steps is one unit, a compiled loop over one step
+      (torch's ``scan``): it compiles in about the time of one step whatever the number of
+      steps, and pays one unit call per run. Other primitives as in ``"chunk"``. Only where
+      the run is called with no ``torch.func`` transform active and nothing to differentiate
+      (AID, IMAML, FirstOrder, Reptile at top level, on fixed batches): under
+      :func:`~bilevel.vmap_hypergrad`, ITD's differentiation through the steps, ESJ's
+      directions or a :class:`~bilevel.Sampler` it runs as ``"chunk"``. torch does not store
+      ``scan`` in its on-disk caches, so each new process compiles the loop again. On the
+      100-step ridge solves it compiled faster than ``"chunk"`` (a new shape in about half the
+      CPU time) and ran as fast (see the docs).
     * ``"chunk"``: ``chunk`` inner steps per unit, one Hessian-vector product
       per unit (the linear solver's own vector updates stay eager), the outer gradients and
       the mixed second derivative one unit each. Compile time does not grow with the
@@ -71,9 +81,11 @@ class Compiled(AbstractEstimator):
 
     Args:
         estimator: the estimator to run, e.g. ``bl.AID(linear_solver=bl.CG(max_steps=10))``.
-        granularity: ``"auto"`` (default), ``"chunk"``, ``"step"``, ``"solve"`` or ``"estimator"``.
-        chunk: inner steps per unit for ``granularity="chunk"`` (default 10), and the most
-            inner steps for which ``"auto"`` compiles the whole estimator as one unit.
+        granularity: ``"auto"`` (default), ``"loop"``, ``"chunk"``, ``"step"``, ``"solve"`` or
+            ``"estimator"``.
+        chunk: inner steps per unit for ``granularity="chunk"`` (default 10, and where
+            ``"loop"`` runs as ``"chunk"``), and the most inner steps for which ``"auto"``
+            compiles the whole estimator as one unit.
         hvp: Hessian-vector products on the compiled path: ``"reverse"`` (default;
             reverse-over-reverse, which measured faster compiled: see the docs) or
             ``"forward"`` (forward-over-reverse) override the estimator's ``hvp`` option;
@@ -119,8 +131,8 @@ class Compiled(AbstractEstimator):
         if self.hvp is not None and hasattr(estimator, "hvp"):
             estimator = dataclasses.replace(estimator, hvp=self.hvp)
         options = Options(backend=self.backend, mode=self.mode, dynamic=self.dynamic)
-        chunk = {"step": 1, "chunk": self.chunk, "auto": self.chunk}.get(self.granularity)
-        runner = Runner(chunk, options)
+        chunk = {"step": 1, "chunk": self.chunk, "auto": self.chunk, "loop": self.chunk}.get(self.granularity)
+        runner = Runner(chunk, options, loop=self.granularity if self.granularity in ("auto", "loop") else None)
         staged = estimator
         solver = getattr(estimator, "linear_solver", None)
         if self.granularity == "solve" and solver is not None and dataclasses.is_dataclass(estimator):
