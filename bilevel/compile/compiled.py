@@ -52,8 +52,8 @@ class Compiled(AbstractEstimator):
       :func:`~bilevel.vmap_hypergrad`, ITD's differentiation through the steps, ESJ's
       directions or a :class:`~bilevel.Sampler` it runs as ``"chunk"``. torch does not store
       ``scan`` in its on-disk caches, so each new process compiles the loop again. On the
-      100-step ridge solves it compiled faster than ``"chunk"`` (a new shape in about half the
-      CPU time) and ran as fast (see the docs).
+      100-step ridge solves it compiled faster than ``"chunk"`` (a new shape in 50-75 % of the
+      CPU time) and ran as fast or faster (see the docs).
     * ``"chunk"``: ``chunk`` inner steps per unit, one Hessian-vector product
       per unit (the linear solver's own vector updates stay eager), the outer gradients and
       the mixed second derivative one unit each. Compile time does not grow with the
