@@ -44,7 +44,7 @@ class Prepared:
     the same structure (same problem, same tree structures, new tensors)."""
 
     def __init__(self, runner: "Runner", kind: Hashable, name: str, fn: Callable[..., Any], args: tuple,
-                 like: Any = None, problem: Any = None, alternative: str = "") -> None:
+                 like: Any = None, problem: Any = None, alternative: bool = False) -> None:
         _, spec, statics = split(args)
         key = intern((kind, runner.options, spec, runner.key_of(statics)))
         if like is None:
@@ -154,7 +154,7 @@ class Runner:
             return None
         body = _LoopBody(solver, stop - start)
         prepared = Prepared(self, ("loop", body), f"the {stop - start}-step inner loop of g={_name(problem.inner)}",
-                            body, args, like=loop, problem=problem, alternative="chunks")
+                            body, args, like=loop, problem=problem, alternative=True)
         if is_failed(prepared.unit):
             return None
         try:

@@ -68,8 +68,8 @@ class Unit:
     Units of one ``group`` (one problem) fall back to eager together: when one of them
     cannot be compiled, the others run eagerly too (``group_name`` names the group).
     ``transforms`` are applied to ``fn`` in order (the first is innermost). A unit with an
-    ``alternative`` (e.g. ``"chunks"`` of inner steps) has no eager form (torch's ``scan`` compiles
-    even when called eagerly): where it cannot be compiled, :func:`run` raises
+    ``alternative`` (the loop unit, whose alternative is chunks of inner steps) has no eager form
+    (torch's ``scan`` compiles even when called eagerly): where it cannot be compiled, :func:`run` raises
     :class:`UseAlternative` and the caller runs the alternative (which then compiles, or falls back
     to eager, on its own); its group stays compiled, and :func:`is_failed` tells later calls.
     """
@@ -81,7 +81,7 @@ class Unit:
     group_name: str = field(default="", compare=False)
     options: Options = Options()
     transforms: tuple[Transform, ...] = ()
-    alternative: str = field(default="", compare=False)
+    alternative: bool = field(default=False, compare=False)
 
     def vmapped(self, in_dims: tuple[int | None, ...], randomness: str) -> "Unit":
         return replace(self, transforms=self.transforms + (("vmap", in_dims, randomness),))
@@ -157,11 +157,10 @@ def run(unit: Unit, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     transforms (``jvp``, ``jacfwd``) and ``functionalize`` the unit runs eagerly after a
     one-time warning.
     """
-    top = torch._C._functorch.peek_interpreter_stack()
-    if top is None:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
-            return _Function.apply(unit, *leaves)
+    if plain_call(leaves):
         return _execute(unit, leaves)
+    if torch._C._functorch.peek_interpreter_stack() is None:  # a gradient to record
+        return _Function.apply(unit, *leaves)
     kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
     unsupported = kinds - {TransformType.Grad, TransformType.Vmap}
     if unsupported:
