@@ -202,18 +202,25 @@ class _ChunkBody:
     def __call__(self, problem: BilevelProblem, loop: LoopState, hparams: dict, batches: tuple, offset: Tensor,
                  first: Tensor) -> LoopState:
         batch = Sampler(lambda k: batches[k - 1]) if self.stochastic else batches[0]
-        value_and_grad = grad_and_value(lambda y, b: problem.inner_value(hparams, y, b))
-        losses: list[Tensor] = []
-
-        def grad_fn(y: dict, k: int) -> tuple[dict, Tensor]:
-            g, loss = value_and_grad(y, batch_at(batch, k))
-            losses.append(loss)
-            return g, loss
-
+        grad_fn, losses = _recording_grad_fn(problem, hparams, batch)
         out = loop_run(self.solver, loop, grad_fn, 1, 1 + self.n)
         new_bad = (loop.bad_step < 0) & (out.bad_step >= 0)
         bad = torch.where(new_bad, out.bad_step + offset, out.bad_step)
         return out._replace(bad_step=bad, loss0=torch.where(first, losses[0], loop.loss0))
+
+
+def _recording_grad_fn(problem: BilevelProblem, hparams: dict, batch: Any) -> tuple[Callable, list[Tensor]]:
+    """The ``grad_fn`` of :func:`loop_run` for ``g(x, ., batch)`` (drawn at each step from a
+    :class:`Sampler`), and the list into which it records each step's loss."""
+    value_and_grad = grad_and_value(lambda y, b: problem.inner_value(hparams, y, b))
+    losses: list[Tensor] = []
+
+    def grad_fn(y: dict, k: int) -> tuple[dict, Tensor]:
+        g, loss = value_and_grad(y, batch_at(batch, k))
+        losses.append(loss)
+        return g, loss
+
+    return grad_fn, losses
 
 
 try:  # torch's scan (a loop compiled once, whatever its length); torch 2.6 and later
@@ -241,18 +248,11 @@ class _LoopBody:
 
     def __call__(self, problem: BilevelProblem, loop: LoopState, hparams: dict, batch: Any, offset: Tensor,
                  first: Tensor) -> LoopState:
-        value_and_grad = grad_and_value(lambda y, b: problem.inner_value(hparams, y, b))
         tensors, spec = tree_flatten(loop)
 
         def one_step(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
             state = tree_unflatten(carry, spec)
-            losses: list[Tensor] = []
-
-            def grad_fn(y: dict, k: int) -> tuple[dict, Tensor]:
-                g, loss = value_and_grad(y, batch)
-                losses.append(loss)
-                return g, loss
-
+            grad_fn, losses = _recording_grad_fn(problem, hparams, batch)
             out = loop_run(self.solver, state._replace(bad_step=torch.full_like(state.bad_step, -1)), grad_fn, 1, 2)
             bad = out.bad_step >= 0
             out = out._replace(bad_step=state.bad_step)
