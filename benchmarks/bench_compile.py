@@ -28,7 +28,7 @@ import os
 import torch
 
 DIMS = (200, 2000)
-CONFIGS = ("AID+CG/loop", "AID+CG/chunk:10", "AID+CG/step", "AID+CG/solve")
+CONFIGS = ("AID+CG/auto", "AID+CG/loop", "AID+CG/chunk:10", "AID+CG/step", "AID+CG/solve")
 MAML = ("MAML:1/estimator", "MAML:5/estimator", "MAML:1/chunk:10", "MAML:5/chunk:10")
 REPEAT = 7
 

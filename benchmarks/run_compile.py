@@ -43,7 +43,7 @@ import time
 from ._timing import best_of, cpu_seconds, publish, runner_parser
 
 BEGIN, END = "<!-- run_compile:begin -->", "<!-- run_compile:end -->"
-DEFAULT_CONFIGS = ("AID+CG/loop", "AID+CG/chunk:10", "AID+CG/step", "AID+CG/chunk:5", "AID+CG/chunk:20",
+DEFAULT_CONFIGS = ("AID+CG/auto", "AID+CG/loop", "AID+CG/chunk:10", "AID+CG/step", "AID+CG/chunk:5", "AID+CG/chunk:20",
                    "AID+CG/solve", "AID+CG/chunk:10/forward", "FirstOrder/chunk:10", "AID+Neumann/chunk:10",
                    "ITD(truncate=10)/chunk:10", "ITD/chunk:10", "HVP/forward", "HVP/reverse")
 MAML_CONFIGS = ("MAML:1/estimator", "MAML:5/estimator", "MAML:1/chunk:10", "MAML:5/chunk:10")

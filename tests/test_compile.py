@@ -166,28 +166,30 @@ def test_decomposition_table_has_a_stable_cache_key_that_follows_the_blas_thresh
     pickler = FxGraphCachePickler(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()))
     table = _backend._decompositions()
     assert table[torch.ops.aten.mv.default] is _backend._mv
+    assert table[torch.ops.aten.pow.Tensor_Scalar] is _backend._pow_scalar
     key = pickler.get_hash(table)
     assert pickler.get_hash(_backend._decompositions()) == key
     monkeypatch.setattr(_backend, "BLAS_MV_ENTRIES", 7)
+    assert pickler.get_hash(table) != key
+    monkeypatch.undo()
+    monkeypatch.delitem(_backend._REPLACEMENTS, torch.ops.aten.pow.Tensor_Scalar)  # a replacement fewer
     assert pickler.get_hash(table) != key
     with _backend._keyed():
         assert torch.compiler.config.cache_key_tag.endswith(_backend._digest()[:16])
 
 
 def test_cache_digest_needs_no_installed_source(monkeypatch):
-    # Installed without its .py files (bytecode only), the digest falls back to _mv's bytecode
-    # instead of failing every compilation (which would run everything eagerly).
+    # Installed without its .py files (bytecode only), the digest falls back to the replacements'
+    # bytecode instead of failing every compilation (which would run everything eagerly).
     import inspect
 
     def no_source(obj):
         raise OSError("could not get source code")
 
-    _backend._mv_source.cache_clear()
     monkeypatch.setattr(inspect, "getsource", no_source)
-    try:
-        assert len(_backend._digest()) == 64 and _backend._mv.__code__.co_code.hex() in _backend._mv_source()
-    finally:
-        _backend._mv_source.cache_clear()
+    source = _backend._replacements_source()
+    assert len(_backend._digest()) == 64
+    assert all(fn.__code__.co_code.hex() in source for fn in (_backend._mv, _backend._pow_scalar))
 
 
 def test_a_recompiled_unit_comes_from_torchs_disk_caches(fresh_compile_state):
@@ -365,6 +367,113 @@ def test_loop_granularity_runs_the_inner_solve_as_one_compiled_loop(monkeypatch,
     if tol is not None:
         assert eager.stats["inner_steps"] < 7  # the tolerance stopped it early
     assert rel(fast.value, eager.value) <= 1e-12 and rel(fast.params, eager.params) <= 1e-12
+
+
+def _ridge_start(hparams):
+    return {"w": 0.1 * hparams["log_lam"]}
+
+
+def _spy_on_linear_loops(monkeypatch) -> list[str]:
+    """The solver of every linear solve that went through a compiled loop unit."""
+    from bilevel.compile._primitives import Runner
+    ran, linear_loop = [], Runner.linear_loop
+
+    def spy(self, solver, matvec, b, x0):
+        out = linear_loop(self, solver, matvec, b, x0)
+        if out is not None:
+            ran.append(type(solver).__name__)
+        return out
+    monkeypatch.setattr(Runner, "linear_loop", spy)
+    return ran
+
+
+@pytest.mark.parametrize("solver", [bl.CG(max_steps=6, rtol=1e-6), bl.CG(max_steps=2), bl.Neumann(steps=4, alpha=0.1),
+                                    bl.Neumann(steps=4, alpha=30.0)],
+                         ids=["cg-converges", "cg-max-steps", "neumann", "neumann-diverges"])
+def test_loop_granularity_runs_the_linear_solve_as_one_compiled_loop(monkeypatch, solver):
+    # The linear solver's iterations (each an HVP and the vector updates) in one compiled loop: the
+    # eager numbers, statuses (CG freezing its iterate at the tolerance, Neumann's divergence and its
+    # estimate of the largest eigenvalue), counts, and a warm start from the previous adjoint.
+    import dataclasses
+    linear = _spy_on_linear_loops(monkeypatch)
+    r = ridge_problem(n_samples=30, dim=4, seed=5)
+    problem = dataclasses.replace(r.problem, init=_ridge_start)  # iMAML's proximal centre
+    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=7), inner_batch=r.train, outer_batch=r.val, throw=False)
+    steps = []
+    for estimator in (bl.AID(linear_solver=solver), bl.IMAML(lam=2.0, linear_solver=solver)):
+        fast_estimator = bl.Compiled(estimator, granularity="loop", chunk=CHUNK, backend="eager")
+        adjoint0 = None
+        for _ in range(2):  # the second call warm-starts the solve
+            eager = bl.hypergrad(problem, r.hparams(), r.params0(), estimator=estimator, adjoint0=adjoint0, **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                fast = bl.hypergrad(problem, r.hparams(), r.params0(), estimator=fast_estimator, adjoint0=adjoint0, **kw)
+            assert fast.result is eager.result
+            for key in ("linear_steps", "num_hvp", "residual"):
+                assert fast.stats[key] == pytest.approx(eager.stats[key], rel=1e-12)
+            assert rel(fast.value, eager.value) <= 1e-12 and rel(fast.adjoint, eager.adjoint) <= 1e-12
+            adjoint0 = eager.adjoint
+            steps.append(int(eager.stats["linear_steps"]))
+    assert linear == [type(solver).__name__] * 4
+    if isinstance(solver, bl.CG) and solver.max_steps > 2:
+        assert 0 in steps and any(0 < n < solver.max_steps for n in steps)  # the tolerance froze the iterate
+    if isinstance(solver, bl.Neumann) and solver.alpha > 1:
+        assert eager.result is bl.RESULTS.neumann_diverged
+        kw["throw"] = True  # the error's estimate of the largest eigenvalue and a safe alpha: the eager ones
+        with pytest.raises(bl.BilevelError) as eager_error:
+            bl.hypergrad(problem, r.hparams(), r.params0(), estimator=estimator, **kw)
+        with pytest.raises(bl.BilevelError) as fast_error:
+            bl.hypergrad(problem, r.hparams(), r.params0(), estimator=fast_estimator, **kw)
+        told = [str(e.value).split("neumann_diverged: ", 1)[1] for e in (eager_error, fast_error)]
+        assert "largest eigenvalue" in told[0] and told[1] == told[0]
+
+
+def test_the_linear_loop_is_not_used_under_transforms_and_falls_back_to_a_unit_per_product(monkeypatch):
+    # Under vmap torch's scan is not usable: a unit per HVP, silently. A linear loop that fails to
+    # compile: one warning, the eager numbers, a unit per product. "auto" does not loop the linear solve.
+    from bilevel.compile import _primitives
+    linear = _spy_on_linear_loops(monkeypatch)
+    tasks = [ridge_problem(n_samples=20, dim=3, seed=s) for s in range(2)]
+    stack = lambda parts: tuple(torch.stack(ts) for ts in zip(*parts))  # noqa: E731
+    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=stack([t.train for t in tasks]),
+              outer_batch=stack([t.val for t in tasks]))
+    x = {k: torch.stack([t.hparams()[k] for t in tasks]) for k in tasks[0].hparams()}
+    y = {k: torch.stack([t.params0()[k] for t in tasks]) for k in tasks[0].params0()}
+    estimator = bl.AID(linear_solver=bl.CG(max_steps=3))
+    eager = bl.vmap_hypergrad(tasks[0].problem, x, y, estimator=estimator, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = bl.vmap_hypergrad(tasks[0].problem, x, y, **kw,
+                                 estimator=bl.Compiled(estimator, granularity="loop", chunk=CHUNK, backend="eager"))
+    assert rel(fast.value, eager.value) <= 1e-12 and linear == []
+
+    scan = _primitives._scan
+
+    def no_linear_scan(body, init, xs):  # the inner loop compiles; the linear loop cannot be traced
+        if torch.compiler.is_compiling() and len(init) == 5:  # CG's carry: x, r, p, rs, steps
+            torch._dynamo.graph_break()
+        return scan(body, init, xs)
+    monkeypatch.setattr(_primitives, "_scan", no_linear_scan)
+    r = ridge_problem(n_samples=23, dim=3, seed=7)
+    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=r.train, outer_batch=r.val)
+    eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=estimator, **kw)
+    for granularity in ("loop", "auto"):
+        fast_estimator = bl.Compiled(estimator, granularity=granularity, chunk=CHUNK, backend="eager")
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            first = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=fast_estimator, **kw)
+            again = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=fast_estimator, **kw)
+        messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+        expected = [m for m in messages if re.search(r"could not compile the 3-iteration loop of CG\(max_steps=3.*"
+                                                     r"on the HVP of g=ridge_inner.*one unit per product instead", m)]
+        assert len(expected) == len(messages) == (granularity == "loop"), messages
+        assert first.stats["num_hvp"] == eager.stats["num_hvp"]
+        assert rel(first.value, eager.value) <= 1e-12 and rel(again.value, eager.value) <= 1e-12
+    assert linear == []
+    monkeypatch.setattr(_primitives, "_scan", scan)
+    bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=bl.Compiled(estimator, chunk=CHUNK, backend="eager"),
+                 **kw)
+    assert linear == []  # "auto": a unit per HVP (the inner run is a compiled loop)
 
 
 @pytest.mark.slow
@@ -594,12 +703,13 @@ def _eager_and_fast(problems, estimator_kw):
 
 def test_no_cpp_compiler_falls_back_with_one_warning(problems, fresh_compile_state, monkeypatch):
     from torch._inductor import config
-    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/bin/g++-missing",))
-    with pytest.warns(RuntimeWarning, match="needs a working C\\+\\+ compiler"):
-        _eager_and_fast(problems, {})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _eager_and_fast(problems, {})
+    # config.patch, not monkeypatch: torch's config reads an option set back by setattr as missing
+    with config.patch({"cpp.cxx": ("/nonexistent/bin/g++-missing",)}):
+        with pytest.warns(RuntimeWarning, match="needs a working C\\+\\+ compiler"):
+            _eager_and_fast(problems, {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _eager_and_fast(problems, {})
 
 
 def test_torch_compile_failing_falls_back_with_one_warning(problems, fresh_compile_state, monkeypatch):
@@ -639,3 +749,40 @@ def test_bad_options_name_the_call_and_the_value(kwargs, match):
 def test_compiled_of_compiled_is_refused():
     with pytest.raises(TypeError, match="not an already compiled one"):
         bl.Compiled(bl.Compiled(bl.ITD()))
+
+
+def test_a_hessian_vector_product_of_a_squared_loss_does_not_recompute_the_residual(monkeypatch):
+    # The second derivative of r ** 2 is 2 r ** 0: a constant, but inductor read r to make it, which
+    # kept the forward product X w (a read of X) alive in every compiled HVP (_backend._pow_scalar).
+    from torch._inductor.utils import run_and_get_code
+    from torch.func import grad, vjp
+
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config
+
+    monkeypatch.setattr(_backend, "BLAS_MV_ENTRIES", 1)  # every matrix-vector product a BLAS call, to count
+    X, t = torch.randn(30, 5, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
+
+    def hvp(w, v):
+        return vjp(grad(lambda w: 0.5 * ((X @ w - t) ** 2).mean()), w)[1](v)[0]
+
+    w, v = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    fn = torch.compile(hvp, backend=_backend.inductor_backend(_unit.Options()), fullgraph=True)
+    torch._dynamo.reset()
+    try:  # the code generated now, not a cached one
+        with config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+            out, code = run_and_get_code(fn, w, v)
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(out, X.T @ (X @ v) / 30, rtol=1e-12, atol=0)
+    assert sum(len(re.findall(r"\bmm\(", c)) for c in code) == 2  # X v and X^T (X v); no X w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_power_zero_is_one_for_every_floating_base_and_left_to_inductor_otherwise(dtype):
+    base = torch.tensor([0.0, -2.5, float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    for exponent in (0, 0.0, False):
+        out = _backend._pow_scalar(base, exponent)
+        assert out.dtype == torch.pow(base, exponent).dtype and torch.equal(out, torch.pow(base, exponent))
+    assert _backend._pow_scalar(base, 2) is NotImplemented
+    assert _backend._pow_scalar(torch.arange(3), 0) is NotImplemented  # an integer base: inductor's own

@@ -31,7 +31,7 @@ from .._batch import Sampler, batch_at, is_stochastic
 from .._problem import BilevelProblem
 from .._result import LinearSolution
 from ..inner._base import AbstractInnerSolver, LoopState, loop_run
-from ..linear._base import AbstractLinearSolver, MatVec
+from ..linear._base import AbstractLinearSolver, IterativeLinearSolver, MatVec
 from ._trees import merge, rebuild, split, static_key, template_of, tensors_of
 from ._fallback import warn_once
 from ._unit import Options, Unit, UseAlternative, intern, is_failed, plain_call, run
@@ -168,6 +168,32 @@ class Runner:
     def hvp_yy(self, problem: BilevelProblem, hparams: dict, params: dict, batch: Any, mode: str) -> MatVec:
         return _MatVec(self, problem, hparams, params, batch, mode)
 
+    def linear_loop(self, solver: AbstractLinearSolver, matvec: "_MatVec", b: dict,
+                    x0: dict | None) -> LinearSolution | None:
+        """The whole linear solve as one unit whose iterations run in a compiled loop
+        (:class:`_LinearLoopBody`); ``None`` where that cannot be (the caller then applies the
+        operator as a unit per product): a solver without fixed iterations
+        (:class:`~bilevel.linear._base.IterativeLinearSolver`), a call under a ``torch.func``
+        transform or with gradients to record, or a loop that failed to compile before."""
+        if _scan is None or not isinstance(solver, IterativeLinearSolver) or solver.iterations < 1:
+            return None
+        args = (matvec.problem, matvec.hparams, matvec.params, matvec.batch, matvec.mode, b, x0)
+        if not plain_call(tuple(tensors_of(args, []))):
+            return None
+        body = _LinearLoopBody(solver)
+        prepared = Prepared(self, ("linear-loop", body), f"the {solver.iterations}-iteration loop of {solver!r} "
+                            f"on the HVP of g={_name(matvec.problem.inner)}", body, args, problem=matvec.problem,
+                            alternative=True)
+        if is_failed(prepared.unit):
+            return None
+        try:
+            return LinearSolution(*prepared(*args))
+        except UseAlternative as why:
+            if not why.told:  # asked for by name: "auto" does not loop the linear solve
+                warn_once(("unit", prepared.unit.key), f"bl.Compiled: could not compile {prepared.unit.name}: "
+                          f"{why.reason} Applying the operator as one unit per product instead from now on.")
+            return None
+
     def linear_solve(self, solver: AbstractLinearSolver, matvec: "_MatVec", b: dict,
                      x0: dict | None) -> LinearSolution:
         parts = (matvec.problem, matvec.hparams, matvec.params, matvec.batch, matvec.mode)
@@ -265,6 +291,45 @@ class _LoopBody:
         return out._replace(bad_step=new_bad, loss0=torch.where(first, losses[0], loop.loss0))
 
 
+@dataclass(frozen=True)
+class _LinearLoopBody:
+    """A linear solve of ``∇²_yy g v = b`` with its iterations in one compiled loop: the solver's
+    :meth:`~bilevel.linear._base.IterativeLinearSolver.start`, torch's ``scan`` over one
+    :meth:`~bilevel.linear._base.IterativeLinearSolver.iterate` (the HVP and the vector updates,
+    traced and compiled once), then ``finish``: the numbers, statuses and counts of ``solve``.
+
+    Called eagerly (only to learn the output structure, once per unit) it runs the solver's own
+    loop: ``scan`` compiles even when called eagerly.
+    """
+
+    solver: IterativeLinearSolver
+
+    def __call__(self, problem, hparams, params, batch, mode, b, x0):
+        from ..estimators._base import hvp_yy
+        def operator() -> MatVec:
+            return hvp_yy(problem, hparams, params, batch, mode)
+
+        if not torch.compiler.is_compiling():
+            sol = self.solver.solve(operator(), b, x0)
+        else:
+            matvec = operator()
+            carry, context = self.solver.start(matvec, b, x0)
+            tensors, spec = tree_flatten(carry)
+
+            def one_iteration(flat: list[Tensor], _: Tensor) -> tuple[list[Tensor], Tensor]:
+                # the operator made inside the loop body: a pullback made outside it holds tensors
+                # of the outer trace, which scan rejects ("Expected FakeTensor")
+                new = self.solver.iterate(operator(), tree_unflatten(flat, spec), context)
+                out = [t.clone() for t in tree_flatten(new)[0]]
+                return out, out[-1].new_zeros(())
+
+            like = tensors[0]
+            tensors, _ = _scan(one_iteration, [t.clone() for t in tensors],
+                               torch.zeros(self.solver.iterations, device=like.device))
+            sol = self.solver.finish(matvec, b, tree_unflatten(tensors, spec), context)
+        return sol.value, sol.steps, sol.residual, sol.code, sol.num_hvp, sol.info
+
+
 class _MatVec:
     """``v -> ∇²_yy g v`` at fixed ``(x, y, batch)``, one compiled unit per product; a
     :class:`CompiledLinearSolver` compiles a whole solve from its parts instead."""
@@ -297,7 +362,9 @@ def _solve_body(solver, problem, hparams, params, batch, mode, b, x0):
 @dataclass(frozen=True)
 class CompiledLinearSolver(AbstractLinearSolver):
     """A linear solver whose whole solve (iterations and HVPs) runs as one compiled unit when
-    its operator is a Hessian-vector product of the inner objective; otherwise as written."""
+    its operator is a Hessian-vector product of the inner objective: unrolled (``"solve"``) or,
+    under ``"loop"``, its iterations in a compiled loop where they can be (else a unit per
+    product); with any other operator as written."""
 
     solver: AbstractLinearSolver
     runner: Runner = field(compare=False, repr=False)
@@ -309,6 +376,9 @@ class CompiledLinearSolver(AbstractLinearSolver):
     def solve(self, matvec: MatVec, b: dict, x0: dict | None = None) -> LinearSolution:
         if not isinstance(matvec, _MatVec):
             return self.solver.solve(matvec, b, x0)
+        if self.runner.loop:  # granularity "loop": the iterations in a compiled loop, where they can be
+            ran = self.runner.linear_loop(self.solver, matvec, b, x0)
+            return self.solver.solve(matvec, b, x0) if ran is None else ran
         return self.runner.linear_solve(self.solver, matvec, b, x0)
 
     def __repr__(self) -> str:

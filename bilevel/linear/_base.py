@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .._result import LinearSolution
 from .._tree import Params
@@ -46,3 +46,38 @@ class AbstractLinearSolver:
 
     def solve(self, matvec: MatVec, b: Params, x0: Params | None = None) -> LinearSolution:
         raise NotImplementedError
+
+
+class IterativeLinearSolver(AbstractLinearSolver):
+    """A linear solver that runs a fixed number of identical iterations: :meth:`solve` is
+    :meth:`start`, :attr:`iterations` times :meth:`iterate`, then :meth:`finish`.
+
+    The split lets :class:`bilevel.Compiled` run the iterations as one compiled loop (torch's
+    ``scan`` over one iteration) instead of a compiled unit per operator application. ``carry``
+    is a tuple of tensors and trees that each iteration replaces; ``context`` holds what
+    :meth:`start` computed once for every iteration and for :meth:`finish` (tensors and Python
+    values, never modified).
+    """
+
+    @property
+    def iterations(self) -> int:
+        """How many times :meth:`solve` calls :meth:`iterate`."""
+        raise NotImplementedError
+
+    def start(self, matvec: MatVec, b: Params, x0: Params | None) -> tuple[tuple, Any]:
+        """``(carry, context)`` before the first iteration."""
+        raise NotImplementedError
+
+    def iterate(self, matvec: MatVec, carry: tuple, context: Any) -> tuple:
+        """One iteration: the next ``carry``, of the same structure, dtypes and shapes."""
+        raise NotImplementedError
+
+    def finish(self, matvec: MatVec, b: Params, carry: tuple, context: Any) -> LinearSolution:
+        """The solution, its status and counts, from the last ``carry``."""
+        raise NotImplementedError
+
+    def solve(self, matvec: MatVec, b: Params, x0: Params | None = None) -> LinearSolution:
+        carry, context = self.start(matvec, b, x0)
+        for _ in range(self.iterations):
+            carry = self.iterate(matvec, carry, context)
+        return self.finish(matvec, b, carry, context)

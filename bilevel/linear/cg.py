@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .._result import RESULTS, LinearSolution, combine
 from .._tree import Params, tree_axpy, tree_dot, tree_norm, tree_sub, tree_zeros_like
-from ._base import AbstractLinearSolver, MatVec
+from ._base import IterativeLinearSolver, MatVec
 
 
 @dataclass(frozen=True)
-class CG(AbstractLinearSolver):
+class CG(IterativeLinearSolver):
     r"""Conjugate gradient (Hestenes & Stiefel, 1952) for :math:`A v = b`, :math:`A` SPD.
 
     Runs ``max_steps`` iterations; once :math:`\|b - A v\| \le \max(\text{rtol}\,\|b\|,
@@ -45,34 +46,51 @@ class CG(AbstractLinearSolver):
             if not (getattr(self, name) >= 0):
                 raise ValueError(f"CG({name}={getattr(self, name)!r}): tolerances must be non-negative.")
 
-    def solve(self, matvec: MatVec, b: Params, x0: Params | None = None) -> LinearSolution:
+    @property
+    def iterations(self) -> int:
+        return self.max_steps
+
+    def start(self, matvec: MatVec, b: Params, x0: Params | None) -> tuple[tuple, _Context]:
         num_hvp = 0
         if x0 is None:
             x, r = tree_zeros_like(b), b
         else:
             x, r = x0, tree_sub(b, matvec(x0))
             num_hvp += 1
-        p, rs = r, tree_dot(r, r)
+        rs = tree_dot(r, r)
         b_norm = tree_norm(b)
         tol = torch.clamp(self.rtol * b_norm, min=self.atol)
         steps = torch.zeros((), dtype=torch.int64, device=b_norm.device)
         zero, one = torch.zeros_like(rs), torch.ones_like(rs)  # made once: the loop is all small kernels
-        for _ in range(self.max_steps):
-            active = torch.sqrt(rs) > tol
-            ap = matvec(p)
-            pap = tree_dot(p, ap)
-            alpha = torch.where(active, rs / torch.where(pap != 0, pap, one), zero)
-            x = tree_axpy(alpha, p, x)
-            r = tree_axpy(-alpha, ap, r)
-            rs_new = tree_dot(r, r)
-            beta = rs_new / torch.where(rs != 0, rs, one)
-            p = tree_axpy(beta, p, r)
-            rs = rs_new
-            steps = steps + active
-        num_hvp += self.max_steps
+        return (x, r, r, rs, steps), _Context(b_norm, tol, zero, one, num_hvp)
+
+    def iterate(self, matvec: MatVec, carry: tuple, context: _Context) -> tuple:
+        x, r, p, rs, steps = carry
+        active = torch.sqrt(rs) > context.tol
+        ap = matvec(p)
+        pap = tree_dot(p, ap)
+        alpha = torch.where(active, rs / torch.where(pap != 0, pap, context.one), context.zero)
+        x = tree_axpy(alpha, p, x)
+        r = tree_axpy(-alpha, ap, r)
+        rs_new = tree_dot(r, r)
+        beta = rs_new / torch.where(rs != 0, rs, context.one)
+        p = tree_axpy(beta, p, r)
+        return x, r, p, rs_new, steps + active
+
+    def finish(self, matvec: MatVec, b: Params, carry: tuple, context: _Context) -> LinearSolution:
+        x, _, _, rs, steps = carry
+        b_norm, tol = context.b_norm, context.tol
         r_norm = torch.sqrt(rs)
         residual = r_norm / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
         code = torch.zeros((), dtype=torch.int64, device=b_norm.device)
         code = combine(code, ~torch.isfinite(r_norm), RESULTS.linear_nonfinite)
         code = combine(code, r_norm > tol, RESULTS.linear_max_steps)
-        return LinearSolution(x, steps, residual, code, num_hvp)
+        return LinearSolution(x, steps, residual, code, context.num_hvp + self.max_steps)
+
+
+class _Context(NamedTuple):
+    b_norm: torch.Tensor
+    tol: torch.Tensor
+    zero: torch.Tensor
+    one: torch.Tensor
+    num_hvp: int

@@ -9,11 +9,11 @@ import torch
 
 from .._result import RESULTS, LinearSolution, combine
 from .._tree import Params, tree_axpy, tree_norm, tree_scale, tree_sub
-from ._base import AbstractLinearSolver, MatVec, SampledOperator
+from ._base import IterativeLinearSolver, MatVec, SampledOperator
 
 
 @dataclass(frozen=True)
-class Neumann(AbstractLinearSolver):
+class Neumann(IterativeLinearSolver):
     r"""Truncated Neumann series for :math:`A v = b`:
 
     .. math::
@@ -64,7 +64,11 @@ class Neumann(AbstractLinearSolver):
             raise ValueError(f"Neumann(alpha={self.alpha!r}): alpha must be positive "
                              "(and below 2 / the largest Hessian eigenvalue).")
 
-    def solve(self, matvec: MatVec, b: Params, x0: Params | None = None) -> LinearSolution:
+    @property
+    def iterations(self) -> int:
+        return self.steps - 1
+
+    def start(self, matvec: MatVec, b: Params, x0: Params | None) -> tuple[tuple, tuple]:
         num_hvp = 0
         if x0 is None:
             r = b
@@ -73,10 +77,16 @@ class Neumann(AbstractLinearSolver):
             r = tree_sub(b, matvec(x0))
             num_hvp += 1
             v = tree_axpy(self.alpha, r, x0)
-        r0_norm = tree_norm(r)
-        for _ in range(1, self.steps):
-            r = tree_sub(b, matvec(v))
-            v = tree_axpy(self.alpha, r, v)
+        return (v, r), (b, tree_norm(r), num_hvp)
+
+    def iterate(self, matvec: MatVec, carry: tuple, context: tuple) -> tuple:
+        v, _ = carry
+        r = tree_sub(context[0], matvec(v))
+        return tree_axpy(self.alpha, r, v), r
+
+    def finish(self, matvec: MatVec, b: Params, carry: tuple, context: tuple) -> LinearSolution:
+        v, r = carry
+        _, r0_norm, num_hvp = context
         num_hvp += self.steps - 1
         r_norm = tree_norm(r)  # residual of the second-to-last iterate: free, no extra HVP
         b_norm = tree_norm(b)
