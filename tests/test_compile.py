@@ -471,6 +471,15 @@ def test_the_linear_loop_is_not_used_under_transforms_and_falls_back_to_a_unit_p
         assert rel(first.value, eager.value) <= 1e-12 and rel(again.value, eager.value) <= 1e-12
     assert linear == []
     monkeypatch.setattr(_primitives, "_scan", scan)
+
+    class LoudCG(bl.CG):  # a solver whose own solve differs from start / iterate / finish runs as written
+        def solve(self, matvec, b, x0=None):
+            called.append(1)
+            return super().solve(matvec, b, x0)
+    called = []
+    bl.hypergrad(r.problem, r.hparams(), r.params0(), **kw,
+                 estimator=bl.Compiled(bl.AID(linear_solver=LoudCG(max_steps=3)), granularity="loop", backend="eager"))
+    assert called == [1] and linear == []
     bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=bl.Compiled(estimator, chunk=CHUNK, backend="eager"),
                  **kw)
     assert linear == []  # "auto": a unit per HVP (the inner run is a compiled loop)

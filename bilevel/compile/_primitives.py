@@ -173,9 +173,11 @@ class Runner:
         """The whole linear solve as one unit whose iterations run in a compiled loop
         (:class:`_LinearLoopBody`); ``None`` where that cannot be (the caller then applies the
         operator as a unit per product): a solver without fixed iterations
-        (:class:`~bilevel.linear._base.IterativeLinearSolver`), a call under a ``torch.func``
-        transform or with gradients to record, or a loop that failed to compile before."""
-        if _scan is None or not isinstance(solver, IterativeLinearSolver) or solver.iterations < 1:
+        (:class:`~bilevel.linear._base.IterativeLinearSolver`) or one that overrides its ``solve``,
+        a call under a ``torch.func`` transform or with gradients to record, or a loop that
+        failed to compile before."""
+        if (_scan is None or not isinstance(solver, IterativeLinearSolver) or solver.iterations < 1
+                or type(solver).solve is not IterativeLinearSolver.solve):  # a subclass's own solve runs as written
             return None
         args = (matvec.problem, matvec.hparams, matvec.params, matvec.batch, matvec.mode, b, x0)
         if not plain_call(tuple(tensors_of(args, []))):
