@@ -369,6 +369,17 @@ def test_loop_granularity_runs_the_inner_solve_as_one_compiled_loop(monkeypatch,
     assert rel(fast.value, eager.value) <= 1e-12 and rel(fast.params, eager.params) <= 1e-12
 
 
+def _two_ridge_tasks():
+    """``(problem, x, y, keywords)`` of ``vmap_hypergrad`` over two ridge tasks."""
+    tasks = [ridge_problem(n_samples=20, dim=3, seed=s) for s in range(2)]
+    stack = lambda parts: tuple(torch.stack(ts) for ts in zip(*parts))  # noqa: E731
+    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=stack([t.train for t in tasks]),
+              outer_batch=stack([t.val for t in tasks]))
+    x = {k: torch.stack([t.hparams()[k] for t in tasks]) for k in tasks[0].hparams()}
+    y = {k: torch.stack([t.params0()[k] for t in tasks]) for k in tasks[0].params0()}
+    return tasks[0].problem, x, y, kw
+
+
 def _ridge_start(hparams):
     return {"w": 0.1 * hparams["log_lam"]}
 
@@ -433,17 +444,12 @@ def test_the_linear_loop_is_not_used_under_transforms_and_falls_back_to_a_unit_p
     # compile: one warning, the eager numbers, a unit per product. "auto" does not loop the linear solve.
     from bilevel.compile import _primitives
     linear = _spy_on_linear_loops(monkeypatch)
-    tasks = [ridge_problem(n_samples=20, dim=3, seed=s) for s in range(2)]
-    stack = lambda parts: tuple(torch.stack(ts) for ts in zip(*parts))  # noqa: E731
-    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=stack([t.train for t in tasks]),
-              outer_batch=stack([t.val for t in tasks]))
-    x = {k: torch.stack([t.hparams()[k] for t in tasks]) for k in tasks[0].hparams()}
-    y = {k: torch.stack([t.params0()[k] for t in tasks]) for k in tasks[0].params0()}
+    problem, x, y, kw = _two_ridge_tasks()
     estimator = bl.AID(linear_solver=bl.CG(max_steps=3))
-    eager = bl.vmap_hypergrad(tasks[0].problem, x, y, estimator=estimator, **kw)
+    eager = bl.vmap_hypergrad(problem, x, y, estimator=estimator, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fast = bl.vmap_hypergrad(tasks[0].problem, x, y, **kw,
+        fast = bl.vmap_hypergrad(problem, x, y, **kw,
                                  estimator=bl.Compiled(estimator, granularity="loop", chunk=CHUNK, backend="eager"))
     assert rel(fast.value, eager.value) <= 1e-12 and linear == []
 
@@ -526,18 +532,13 @@ def test_loop_granularity_runs_chunks_under_transforms_and_where_the_loop_does_n
     # Under vmap (and ITD's grad) torch's scan is not usable: chunks, silently. A loop that fails to
     # compile: one warning naming it, the eager numbers, and chunks from then on.
     from bilevel.compile import _primitives
-    tasks = [ridge_problem(n_samples=20, dim=3, seed=s) for s in range(2)]
-    stack = lambda parts: tuple(torch.stack(ts) for ts in zip(*parts))  # noqa: E731
-    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=STEPS), inner_batch=stack([t.train for t in tasks]),
-              outer_batch=stack([t.val for t in tasks]))
-    x = {k: torch.stack([t.hparams()[k] for t in tasks]) for k in tasks[0].hparams()}
-    y = {k: torch.stack([t.params0()[k] for t in tasks]) for k in tasks[0].params0()}
+    problem, x, y, kw = _two_ridge_tasks()
     loops = _spy_on_loops(monkeypatch)
     for estimator in (bl.FirstOrder(), bl.ITD()):
-        eager = bl.vmap_hypergrad(tasks[0].problem, x, y, estimator=estimator, **kw)
+        eager = bl.vmap_hypergrad(problem, x, y, estimator=estimator, **kw)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            fast = bl.vmap_hypergrad(tasks[0].problem, x, y, **kw,
+            fast = bl.vmap_hypergrad(problem, x, y, **kw,
                                      estimator=bl.Compiled(estimator, granularity="loop", chunk=CHUNK, backend="eager"))
         assert rel(fast.value, eager.value) <= 1e-12
     assert loops == []
