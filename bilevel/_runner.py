@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 _ACTIVE: ContextVar[Any] = ContextVar("bilevel_runner", default=None)
+_scan_loops = False
 _compile_seconds = 0.0
 _compile_started: list[float] = []
 _callbacks_installed = False
@@ -44,6 +45,24 @@ def installed(runner: Any) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def scanning() -> bool:
+    """Whether the code being traced runs its loops (inner steps, linear-solver iterations) as
+    compiled loops, torch's ``scan`` over one step: only while dynamo traces a unit called
+    under :func:`scanned_loops` (read at trace time; an eager call runs the loops as written)."""
+    return _scan_loops and torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def scanned_loops() -> Iterator[None]:
+    """Let the units called in the block trace their loops as compiled loops (see :func:`scanning`)."""
+    global _scan_loops
+    before, _scan_loops = _scan_loops, True
+    try:
+        yield
+    finally:
+        _scan_loops = before
 
 
 def compile_clock() -> float:

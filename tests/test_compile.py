@@ -92,17 +92,28 @@ def test_every_granularity_matches_eager(problems, granularity, name):
     check_same(problems[torch.float64], name, backend="eager", granularity=granularity)
 
 
-def test_auto_granularity_runs_a_few_steps_as_one_unit_and_many_in_chunks(problems, monkeypatch):
+def test_auto_granularity_runs_the_whole_estimator_as_one_unit_unrolled_or_with_compiled_loops(problems, monkeypatch):
+    # A few inner steps: one unit, the steps unrolled (MAML-style). Many steps: one unit whose inner
+    # steps and linear-solver iterations are compiled loops, for the estimators that neither
+    # differentiate through the steps nor vmap inside; ITD and ESJ get a unit per primitive.
     whole = []
     run_whole = compiled.Compiled._run_whole
-    monkeypatch.setattr(compiled.Compiled, "_run_whole", lambda self, *a: whole.append(1) or run_whole(self, *a))
+
+    def spy(self, *args, looped=False):
+        out = run_whole(self, *args, looped=looped)
+        whole.append((looped, out is not None))
+        return out
+    monkeypatch.setattr(compiled.Compiled, "_run_whole", spy)
     q = problems[torch.float64]
-    eager = call(q, "FirstOrder", ESTIMATORS["FirstOrder"])
-    few = call(q, "FirstOrder", bl.Compiled(ESTIMATORS["FirstOrder"], chunk=STEPS, backend="eager"))
-    assert whole == [1]  # STEPS <= chunk: the whole estimator is one unit
-    many = call(q, "FirstOrder", bl.Compiled(ESTIMATORS["FirstOrder"], chunk=CHUNK, backend="eager"))
-    assert whole == [1]  # STEPS > chunk: chunks
-    assert rel(few.value, eager.value) <= 1e-12 and rel(many.value, eager.value) <= 1e-12
+    for name in ("FirstOrder", "AID-CG", "ITD"):
+        whole.clear()
+        eager = call(q, name, ESTIMATORS[name])
+        few = call(q, name, bl.Compiled(ESTIMATORS[name], chunk=STEPS, backend="eager"))
+        assert whole == [(False, True)]  # STEPS <= chunk: the whole estimator, unrolled
+        many = call(q, name, bl.Compiled(ESTIMATORS[name], chunk=CHUNK, backend="eager"))
+        assert whole == [(False, True)] + ([(True, True)] if name != "ITD" else [])
+        assert rel(few.value, eager.value) <= 1e-12 and rel(many.value, eager.value) <= 1e-12
+        assert many.result is eager.result and many.stats["num_hvp"] == eager.stats["num_hvp"]
 
 
 @pytest.mark.slow
@@ -294,7 +305,7 @@ def test_aid_default_hvp_mode_is_chosen_by_device(problems):
     assert rel(fwd.value, rev.value) <= 1e-10
 
 
-@pytest.mark.parametrize("granularity", ["chunk", "loop"])
+@pytest.mark.parametrize("granularity", ["chunk", "loop", "auto"])
 def test_status_and_first_bad_step_survive_chunking(granularity):
     # lr far above 2 / L: the iterates grow ~250x per step and overflow after dozens of steps, in a late
     # chunk (or pass of the compiled loop).
@@ -347,19 +358,24 @@ def _spy_on_loops(monkeypatch) -> list[int]:
     return ran
 
 
+@pytest.mark.parametrize("granularity", ["loop", "auto"])
 @pytest.mark.parametrize("tol", [None, 3e-2], ids=["fixed-steps", "tolerance"])
-def test_loop_granularity_runs_the_inner_solve_as_one_compiled_loop(monkeypatch, tol):
-    # Fixed batches, no transform: the whole inner run is one unit (torch's scan over one step), with the
-    # eager numbers, statuses and counts, stopping on the tolerance where one is set.
+def test_the_inner_solve_runs_as_one_compiled_loop(monkeypatch, tol, granularity):
+    # Fixed batches, no transform: the whole inner run is one unit (torch's scan over one step; "auto":
+    # the same loop inside the unit of the whole estimator), with the eager numbers, statuses and
+    # counts, stopping on the tolerance where one is set.
     bodies = _spy_on_loops(monkeypatch)
+    whole, run_whole = [], compiled.Compiled._run_whole
+    monkeypatch.setattr(compiled.Compiled, "_run_whole", lambda self, *a, looped=False: whole.append(looped) or
+                        run_whole(self, *a, looped=looped))
     r = ridge_problem(n_samples=30, dim=4, seed=5)
     inner = bl.GradientDescent(lr=0.2, steps=7, tol=tol)
     kw = dict(inner=inner, inner_batch=r.train, outer_batch=r.val, throw=False)
     estimator = bl.AID(linear_solver=bl.CG(max_steps=3))
     eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=estimator, **kw)
     fast = bl.hypergrad(r.problem, r.hparams(), r.params0(), **kw,
-                        estimator=bl.Compiled(estimator, granularity="loop", chunk=CHUNK, backend="eager"))
-    assert bodies == [7]
+                        estimator=bl.Compiled(estimator, granularity=granularity, chunk=CHUNK, backend="eager"))
+    assert (bodies, whole) == (([7], []) if granularity == "loop" else ([], [True]))
     assert fast.result is eager.result
     for key in ("inner_steps", "linear_steps", "num_grad", "num_hvp"):
         assert fast.stats[key] == eager.stats[key]
@@ -398,21 +414,27 @@ def _spy_on_linear_loops(monkeypatch) -> list[str]:
     return ran
 
 
+@pytest.mark.parametrize("granularity", ["loop", "auto"])
 @pytest.mark.parametrize("solver", [bl.CG(max_steps=6, rtol=1e-6), bl.CG(max_steps=2), bl.Neumann(steps=4, alpha=0.1),
                                     bl.Neumann(steps=4, alpha=30.0)],
                          ids=["cg-converges", "cg-max-steps", "neumann", "neumann-diverges"])
-def test_loop_granularity_runs_the_linear_solve_as_one_compiled_loop(monkeypatch, solver):
-    # The linear solver's iterations (each an HVP and the vector updates) in one compiled loop: the
-    # eager numbers, statuses (CG freezing its iterate at the tolerance, Neumann's divergence and its
-    # estimate of the largest eigenvalue), counts, and a warm start from the previous adjoint.
+def test_the_linear_solve_runs_as_one_compiled_loop(monkeypatch, solver, granularity):
+    # The linear solver's iterations (each an HVP and the vector updates) in one compiled loop: a unit
+    # of its own ("loop"), or inside the one unit of the whole estimator with the inner steps as a
+    # compiled loop too ("auto"). The eager numbers, statuses (CG freezing its iterate at the
+    # tolerance, Neumann's divergence and its estimate of the largest eigenvalue), counts, and a
+    # warm start from the previous adjoint.
     import dataclasses
     linear = _spy_on_linear_loops(monkeypatch)
+    whole, run_whole = [], compiled.Compiled._run_whole
+    monkeypatch.setattr(compiled.Compiled, "_run_whole", lambda self, *a, looped=False: whole.append(looped) or
+                        run_whole(self, *a, looped=looped))
     r = ridge_problem(n_samples=30, dim=4, seed=5)
     problem = dataclasses.replace(r.problem, init=_ridge_start)  # iMAML's proximal centre
     kw = dict(inner=bl.GradientDescent(lr=0.2, steps=7), inner_batch=r.train, outer_batch=r.val, throw=False)
     steps = []
     for estimator in (bl.AID(linear_solver=solver), bl.IMAML(lam=2.0, linear_solver=solver)):
-        fast_estimator = bl.Compiled(estimator, granularity="loop", chunk=CHUNK, backend="eager")
+        fast_estimator = bl.Compiled(estimator, granularity=granularity, chunk=CHUNK, backend="eager")
         adjoint0 = None
         for _ in range(2):  # the second call warm-starts the solve
             eager = bl.hypergrad(problem, r.hparams(), r.params0(), estimator=estimator, adjoint0=adjoint0, **kw)
@@ -425,7 +447,7 @@ def test_loop_granularity_runs_the_linear_solve_as_one_compiled_loop(monkeypatch
             assert rel(fast.value, eager.value) <= 1e-12 and rel(fast.adjoint, eager.adjoint) <= 1e-12
             adjoint0 = eager.adjoint
             steps.append(int(eager.stats["linear_steps"]))
-    assert linear == [type(solver).__name__] * 4
+    assert (linear, whole) == (([type(solver).__name__] * 4, []) if granularity == "loop" else ([], [True] * 4))
     if isinstance(solver, bl.CG) and solver.max_steps > 2:
         assert 0 in steps and any(0 < n < solver.max_steps for n in steps)  # the tolerance froze the iterate
     if isinstance(solver, bl.Neumann) and solver.alpha > 1:
@@ -510,6 +532,22 @@ def test_loop_granularity_with_inductor_matches_eager(problems, monkeypatch, fre
     second = check_same(problems[dtype], name, backend="inductor", granularity="loop", dtype=dtype)
     # (in float64 dynamo may restart its analysis once after calling the backend: two decisions, both C++)
     assert bodies == [STEPS, STEPS] and loops and all(loops)
+    assert first.stats["compile_s"] > 0 and second.stats["compile_s"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, dtype", [("AID-CG", torch.float32), ("AID-Neumann", torch.float64),
+                                         ("FirstOrder", torch.float32)])
+def test_auto_with_inductor_runs_the_whole_estimator_with_compiled_loops(problems, monkeypatch, fresh_compile_state,
+                                                                        name, dtype):
+    # Many inner steps under "auto": one unit for the whole estimator, its inner steps and linear-solver
+    # iterations compiled as loops (C++ wrapper); the eager numbers, and a second call compiles nothing.
+    whole, run_whole = [], compiled.Compiled._run_whole
+    monkeypatch.setattr(compiled.Compiled, "_run_whole", lambda self, *a, looped=False: whole.append(looped) or
+                        run_whole(self, *a, looped=looped))
+    first = check_same(problems[dtype], name, backend="inductor", granularity="auto", dtype=dtype)
+    second = check_same(problems[dtype], name, backend="inductor", granularity="auto", dtype=dtype)
+    assert whole == [True, True]
     assert first.stats["compile_s"] > 0 and second.stats["compile_s"] == 0.0
 
 

@@ -189,7 +189,8 @@ class Runner:
         if is_failed(prepared.unit):
             return None
         try:
-            return LinearSolution(*prepared(*args))
+            with _runner.scanned_loops():
+                return LinearSolution(*prepared(*args))
         except UseAlternative as why:
             if not why.told:  # asked for by name: "auto" does not loop the linear solve
                 warn_once(("unit", prepared.unit.key), f"bl.Compiled: could not compile {prepared.unit.name}: "
@@ -295,41 +296,47 @@ class _LoopBody:
 
 @dataclass(frozen=True)
 class _LinearLoopBody:
-    """A linear solve of ``∇²_yy g v = b`` with its iterations in one compiled loop: the solver's
-    :meth:`~bilevel.linear._base.IterativeLinearSolver.start`, torch's ``scan`` over one
-    :meth:`~bilevel.linear._base.IterativeLinearSolver.iterate` (the HVP and the vector updates,
-    traced and compiled once), then ``finish``: the numbers, statuses and counts of ``solve``.
-
-    Called eagerly (only to learn the output structure, once per unit) it runs the solver's own
-    loop: ``scan`` compiles even when called eagerly.
-    """
+    """A linear solve of ``∇²_yy g v = b``, called under :func:`bilevel._runner.scanned_loops`:
+    traced, the solver's iterations become one compiled loop (see :func:`scanned`; each
+    iteration's HVP is made inside the loop); called eagerly (only to learn the output
+    structure, once per unit) it runs the solver's own loop."""
 
     solver: IterativeLinearSolver
 
     def __call__(self, problem, hparams, params, batch, mode, b, x0):
         from ..estimators._base import hvp_yy
-        def operator() -> MatVec:
-            return hvp_yy(problem, hparams, params, batch, mode)
-
-        if not torch.compiler.is_compiling():
-            sol = self.solver.solve(operator(), b, x0)
-        else:
-            matvec = operator()
-            carry, context = self.solver.start(matvec, b, x0)
-            tensors, spec = tree_flatten(carry)
-
-            def one_iteration(flat: list[Tensor], _: Tensor) -> tuple[list[Tensor], Tensor]:
-                # the operator made inside the loop body: a pullback made outside it holds tensors
-                # of the outer trace, which scan rejects ("Expected FakeTensor")
-                new = self.solver.iterate(operator(), tree_unflatten(flat, spec), context)
-                out = [t.clone() for t in tree_flatten(new)[0]]
-                return out, out[-1].new_zeros(())
-
-            like = tensors[0]
-            tensors, _ = _scan(one_iteration, [t.clone() for t in tensors],
-                               torch.zeros(self.solver.iterations, device=like.device))
-            sol = self.solver.finish(matvec, b, tree_unflatten(tensors, spec), context)
+        sol = self.solver.solve(hvp_yy(problem, hparams, params, batch, mode), b, x0)
         return sol.value, sol.steps, sol.residual, sol.code, sol.num_hvp, sol.info
+
+
+def scanned(step: Callable[[Any], Any], carry: Any, n: int) -> Any:
+    """``carry = step(carry)``, ``n`` times, as torch's ``scan`` over one ``step`` (traced and
+    compiled once, whatever ``n``): ``carry`` is a tree of tensors that ``step`` maps to a tree of
+    the same structure, dtypes and shapes. The carry goes in and out as fresh tensors (``scan``
+    refuses a carry that aliases its inputs or itself)."""
+    tensors, spec = tree_flatten(carry)
+
+    def one(flat: list[Tensor], _: Tensor) -> tuple[list[Tensor], Tensor]:
+        out = [t.clone() for t in tree_flatten(step(tree_unflatten(flat, spec)))[0]]
+        return out, out[-1].new_zeros(())
+
+    tensors, _ = _scan(one, [t.clone() for t in tensors], torch.zeros(n, device=tensors[0].device))
+    return tree_unflatten(tensors, spec)
+
+
+def scanned_steps(solver: AbstractInnerSolver, loop: LoopState, grad_fn: Callable, start: int,
+                  stop: int) -> LoopState | None:
+    """Inner steps ``start .. stop-1`` as one compiled loop (:class:`_LoopBody`), traced inside a
+    unit under :func:`bilevel._runner.scanned_loops`; ``None`` (the steps as written) where the
+    batches are drawn per step or the solver state is not all tensors."""
+    parts = getattr(grad_fn, "parts", None)
+    if parts is None or is_stochastic(parts[2]) or not all(isinstance(v, Tensor) for v in tree_flatten(loop)[0]):
+        return None
+    problem, hparams, batch = parts
+    device = loop.steps.device
+    offset = torch.full((), start - 1, dtype=torch.int64, device=device)
+    first = torch.full((), start == 0, dtype=torch.bool, device=device)
+    return _LoopBody(solver, stop - start)(problem, loop, hparams, batch, offset, first)
 
 
 class _MatVec:

@@ -14,9 +14,11 @@ from .._problem import BilevelProblem
 from .._tree import Batch, Params
 from ..estimators._base import _KEEP_PARAMS, AbstractEstimator, Counts, Estimate
 from ..inner._base import AbstractInnerSolver
-from ._primitives import CompiledLinearSolver, Runner
+from ..estimators import AID, IMAML, FirstOrder, Reptile
+from ._primitives import CompiledLinearSolver, Prepared, Runner
 from ._fallback import warn_once
-from ._unit import Options
+from ._trees import tensors_of
+from ._unit import Options, UseAlternative, is_failed, plain_call
 
 Granularity = Literal["auto", "loop", "step", "chunk", "solve", "estimator"]
 _GRANULARITIES = ("auto", "loop", "step", "chunk", "solve", "estimator")
@@ -42,8 +44,13 @@ class Compiled(AbstractEstimator):
 
     * ``"auto"`` (default): ``"estimator"`` when the inner solver runs at most ``chunk``
       steps on fixed batches (MAML-style: measured 2.6x and 5x faster than eager for 1 and
-      5 steps, where ``"chunk"`` was slower than eager); else ``"loop"`` for the inner steps
-      (which runs as ``"chunk"`` where it cannot loop) with a unit per HVP of the linear solve.
+      5 steps, where ``"chunk"`` was slower than eager). With more steps, for ``AID``,
+      ``IMAML``, ``FirstOrder`` and ``Reptile`` on fixed batches with no ``torch.func``
+      transform around the call: the whole estimator as one unit whose inner steps and
+      linear-solver iterations are compiled loops (torch's ``scan``; on the 100-step ridge
+      benchmark the fastest to run and to compile of all the choices). Elsewhere, or where
+      that unit does not compile: ``"loop"`` for the inner steps (which runs as ``"chunk"``
+      where it cannot loop) with a unit per HVP of the linear solve.
     * ``"loop"``: the whole run of inner steps is one unit, a compiled loop over one step
       (torch's ``scan``): it compiles in about the time of one step whatever the number of
       steps, and pays one unit call per run. The linear solve (CG, Neumann) is likewise one
@@ -162,6 +169,9 @@ class Compiled(AbstractEstimator):
         fixed = not is_stochastic(inner_batch) and not is_stochastic(outer_batch)
         if self.granularity == "auto" and fixed and inner.steps <= self.chunk:
             return self._run_whole(*args)
+        if (self.granularity == "auto" and fixed and isinstance(self._plain, _LOOPED_WHOLE)
+                and (ran := self._run_whole(*args, looped=True)) is not None):
+            return ran
         if self.granularity == "estimator":
             if fixed:
                 return self._run_whole(*args)
@@ -171,22 +181,41 @@ class Compiled(AbstractEstimator):
         with _runner.installed(self._runner):
             return self._staged.run(*args)
 
-    def _run_whole(self, problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0):
+    def _run_whole(self, problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0, looped=False):
+        """The whole estimator as one unit; ``looped``: with its inner steps and linear-solver
+        iterations as compiled loops (``None`` where that cannot be: under a ``torch.func``
+        transform, or a unit that did not compile; the caller then runs the primitives as units)."""
         estimator = self._plain
 
         def whole(problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0):
             return estimator.run(problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0)
 
+        args = (problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0)
         name = f"the whole estimator {estimator!r} on g={getattr(problem.inner, '__qualname__', problem.inner)}"
+        if looped and not plain_call(tuple(tensors_of(args, []))):
+            return None
         # One output structure for the eager call that learns it and the traced one (where
         # keep_params() is always True): the unit keeps the params, the caller drops them.
         token = _KEEP_PARAMS.set(True)
         try:
-            return self._runner.call(("estimator", estimator), name, whole,
-                                     (problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0),
-                                     problem=problem)
+            if not looped:
+                return self._runner.call(("estimator", estimator), name, whole, args, problem=problem)
+            prepared = Prepared(self._runner, ("estimator-looped", estimator), f"{name}, its loops compiled as loops",
+                                whole, args, problem=problem, alternative=True)
+            if is_failed(prepared.unit):
+                return None
+            with _runner.scanned_loops():
+                return prepared(*args)
+        except UseAlternative:  # silently: "auto" goes on with a unit per primitive
+            return None
         finally:
             _KEEP_PARAMS.reset(token)
+
+
+#: Estimators that ``"auto"`` runs as one unit with compiled loops when the inner solver runs many steps:
+#: those that do not differentiate through the inner steps or vmap inside (ITD, ESJ: torch's scan is
+#: neither differentiated nor batched under the library's rules).
+_LOOPED_WHOLE = (AID, IMAML, FirstOrder, Reptile)
 
 
 #: The oldest torch whose dynamo traces torch.func transforms inside compiled code.

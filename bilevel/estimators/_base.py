@@ -184,6 +184,8 @@ def hvp_yy(problem: BilevelProblem, hparams: Params, params: Params, batch: Batc
     grad_y = grad(lambda y: problem.inner_value(hparams, y, batch))
     if mode == "forward":
         return lambda v: jvp(grad_y, (params,), (v,))[1]
+    if _runner.scanning():  # a pullback made outside a compiled loop cannot be used inside it: one per product
+        return lambda v: vjp(grad_y, params)[1](v)[0]
     _, pullback = vjp(grad_y, params)
     return lambda v: pullback(v)[0]
 

@@ -90,6 +90,10 @@ def loop_run(solver: AbstractInnerSolver, loop: LoopState, grad_fn: GradFn, star
     runner = _runner.current()  # None unless a bl.Compiled call runs the steps as compiled units
     if runner is not None and (ran := runner.loop_run(solver, loop, grad_fn, start, stop)) is not None:
         return ran
+    if stop - start > 1 and _runner.scanning():  # traced inside a bl.Compiled unit that loops
+        from ..compile._primitives import scanned_steps
+        if (ran := scanned_steps(solver, loop, grad_fn, start, stop)) is not None:
+            return ran
     masked = solver.tol is not None
     state, steps, done, bad, loss0, loss, gnorm = loop
     losses, sq_norms = [], []

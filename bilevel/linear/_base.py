@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from .. import _runner
 from .._result import LinearSolution
 from .._tree import Params
 
@@ -78,6 +79,10 @@ class IterativeLinearSolver(AbstractLinearSolver):
 
     def solve(self, matvec: MatVec, b: Params, x0: Params | None = None) -> LinearSolution:
         carry, context = self.start(matvec, b, x0)
-        for _ in range(self.iterations):
-            carry = self.iterate(matvec, carry, context)
+        if self.iterations > 1 and _runner.scanning():  # traced inside a bl.Compiled unit that loops
+            from ..compile._primitives import scanned
+            carry = scanned(lambda c: self.iterate(matvec, c, context), carry, self.iterations)
+        else:
+            for _ in range(self.iterations):
+                carry = self.iterate(matvec, carry, context)
         return self.finish(matvec, b, carry, context)
