@@ -56,8 +56,8 @@ class Compiled(AbstractEstimator):
       steps, and pays one unit call per run. The linear solve (CG, Neumann) is likewise one
       unit, a compiled loop over one iteration (its HVP and vector updates): about 20 % faster
       per hypergradient on the ridge benchmark at ``d = 200``, for about 3 CPU s more compile
-      time per shape, so ``"auto"`` applies its HVPs a unit each instead. Other primitives as
-      in ``"chunk"``. Only where the run is called with no ``torch.func`` transform active
+      time per shape, so where ``"auto"`` runs the primitives as units it applies the HVPs a
+      unit each instead. Other primitives as in ``"chunk"``. Only where the run is called with no ``torch.func`` transform active
       and nothing to differentiate (AID, IMAML, FirstOrder, Reptile at top level, on fixed
       batches): under :func:`~bilevel.vmap_hypergrad`, ITD's differentiation through the
       steps, ESJ's directions or a :class:`~bilevel.Sampler` it runs as ``"chunk"`` (the
@@ -146,8 +146,9 @@ class Compiled(AbstractEstimator):
         runner = Runner(chunk, options, loop=self.granularity if self.granularity in ("auto", "loop") else None)
         staged = estimator
         solver = getattr(estimator, "linear_solver", None)
-        # "auto" keeps a unit per HVP: the linear loop ran 20 % faster at d = 200 but added about 3 CPU s
-        # of compile time per shape, past the 15 s target (docs, "The linear solve as one compiled loop").
+        # Where "auto" runs the primitives as units, a unit per HVP: the linear loop as a unit of its own ran
+        # 20 % faster at d = 200 but added about 3 CPU s of compile time per shape (docs, "The linear solve as
+        # one compiled loop"); "auto"'s unit of the whole estimator has both loops and costs less than either.
         if self.granularity in ("solve", "loop") and solver is not None and dataclasses.is_dataclass(estimator):
             staged = dataclasses.replace(estimator, linear_solver=CompiledLinearSolver(solver, runner))
         object.__setattr__(self, "_plain", estimator)    # the estimator with the compiled path's HVP mode
