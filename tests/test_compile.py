@@ -365,9 +365,7 @@ def test_the_inner_solve_runs_as_one_compiled_loop(monkeypatch, tol, granularity
     # the same loop inside the unit of the whole estimator), with the eager numbers, statuses and
     # counts, stopping on the tolerance where one is set.
     bodies = _spy_on_loops(monkeypatch)
-    whole, run_whole = [], compiled.Compiled._run_whole
-    monkeypatch.setattr(compiled.Compiled, "_run_whole", lambda self, *a, looped=False: whole.append(looped) or
-                        run_whole(self, *a, looped=looped))
+    whole = _spy_on_whole_units(monkeypatch)
     r = ridge_problem(n_samples=30, dim=4, seed=5)
     inner = bl.GradientDescent(lr=0.2, steps=7, tol=tol)
     kw = dict(inner=inner, inner_batch=r.train, outer_batch=r.val, throw=False)
@@ -400,6 +398,17 @@ def _ridge_start(hparams):
     return {"w": 0.1 * hparams["log_lam"]}
 
 
+def _spy_on_whole_units(monkeypatch) -> list[bool]:
+    """For every unit of the whole estimator that was tried: whether its loops were compiled as loops."""
+    tried, run_whole = [], compiled.Compiled._run_whole
+
+    def spy(self, *args, looped=False):
+        tried.append(looped)
+        return run_whole(self, *args, looped=looped)
+    monkeypatch.setattr(compiled.Compiled, "_run_whole", spy)
+    return tried
+
+
 def _spy_on_linear_loops(monkeypatch) -> list[str]:
     """The solver of every linear solve that went through a compiled loop unit."""
     from bilevel.compile._primitives import Runner
@@ -426,9 +435,7 @@ def test_the_linear_solve_runs_as_one_compiled_loop(monkeypatch, solver, granula
     # warm start from the previous adjoint.
     import dataclasses
     linear = _spy_on_linear_loops(monkeypatch)
-    whole, run_whole = [], compiled.Compiled._run_whole
-    monkeypatch.setattr(compiled.Compiled, "_run_whole", lambda self, *a, looped=False: whole.append(looped) or
-                        run_whole(self, *a, looped=looped))
+    whole = _spy_on_whole_units(monkeypatch)
     r = ridge_problem(n_samples=30, dim=4, seed=5)
     problem = dataclasses.replace(r.problem, init=_ridge_start)  # iMAML's proximal centre
     kw = dict(inner=bl.GradientDescent(lr=0.2, steps=7), inner_batch=r.train, outer_batch=r.val, throw=False)
@@ -535,6 +542,24 @@ def test_loop_granularity_with_inductor_matches_eager(problems, monkeypatch, fre
     assert first.stats["compile_s"] > 0 and second.stats["compile_s"] == 0.0
 
 
+def test_auto_without_torchs_scan_runs_a_unit_per_primitive(monkeypatch):
+    # A torch older than 2.6 has no scan: "auto" does not try the unit with compiled loops.
+    from bilevel.compile import _primitives
+    monkeypatch.setattr(compiled, "_scan", None)
+    monkeypatch.setattr(_primitives, "_scan", None)
+    prepared, make = [], compiled.Prepared
+    monkeypatch.setattr(compiled, "Prepared", lambda runner, kind, *a, **kw: prepared.append(kind[0]) or
+                        make(runner, kind, *a, **kw))
+    whole = _spy_on_whole_units(monkeypatch)
+    r = ridge_problem(n_samples=30, dim=4, seed=5)
+    kw = dict(inner=bl.GradientDescent(lr=0.2, steps=7), inner_batch=r.train, outer_batch=r.val)
+    eager = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=bl.AID(), **kw)
+    fast = bl.hypergrad(r.problem, r.hparams(), r.params0(), estimator=bl.Compiled(bl.AID(), chunk=CHUNK, backend="eager"),
+                        **kw)
+    assert whole == [True] and prepared == []  # declined before making the unit
+    assert rel(fast.value, eager.value) <= 1e-12
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, dtype", [("AID-CG", torch.float32), ("AID-Neumann", torch.float64),
                                          ("FirstOrder", torch.float32)])
@@ -542,9 +567,7 @@ def test_auto_with_inductor_runs_the_whole_estimator_with_compiled_loops(problem
                                                                         name, dtype):
     # Many inner steps under "auto": one unit for the whole estimator, its inner steps and linear-solver
     # iterations compiled as loops (C++ wrapper); the eager numbers, and a second call compiles nothing.
-    whole, run_whole = [], compiled.Compiled._run_whole
-    monkeypatch.setattr(compiled.Compiled, "_run_whole", lambda self, *a, looped=False: whole.append(looped) or
-                        run_whole(self, *a, looped=looped))
+    whole = _spy_on_whole_units(monkeypatch)
     first = check_same(problems[dtype], name, backend="inductor", granularity="auto", dtype=dtype)
     second = check_same(problems[dtype], name, backend="inductor", granularity="auto", dtype=dtype)
     assert whole == [True, True]

@@ -15,7 +15,7 @@ from .._tree import Batch, Params
 from ..estimators._base import _KEEP_PARAMS, AbstractEstimator, Counts, Estimate
 from ..inner._base import AbstractInnerSolver
 from ..estimators import AID, IMAML, FirstOrder, Reptile
-from ._primitives import CompiledLinearSolver, Prepared, Runner
+from ._primitives import CompiledLinearSolver, Prepared, Runner, _scan
 from ._fallback import warn_once
 from ._trees import tensors_of
 from ._unit import Options, UseAlternative, is_failed, plain_call
@@ -193,7 +193,7 @@ class Compiled(AbstractEstimator):
 
         args = (problem, hparams, params0, inner, inner_batch, outer_batch, adjoint0)
         name = f"the whole estimator {estimator!r} on g={getattr(problem.inner, '__qualname__', problem.inner)}"
-        if looped and not plain_call(tuple(tensors_of(args, []))):
+        if looped and (_scan is None or not plain_call(tuple(tensors_of(args, [])))):  # scan: torch 2.6 and later
             return None
         # One output structure for the eager call that learns it and the traced one (where
         # keep_params() is always True): the unit keeps the params, the caller drops them.
