@@ -155,14 +155,22 @@ class Runner:
         body = _LoopBody(solver, stop - start)
         prepared = Prepared(self, ("loop", body), f"the {stop - start}-step inner loop of g={_name(problem.inner)}",
                             body, args, like=loop, problem=problem, alternative=True)
+        return self.try_loop_unit(prepared, args, f"Running chunks of {self.chunk} inner steps instead")
+
+    def try_loop_unit(self, prepared: Prepared, args: tuple, instead: str) -> Any | None:
+        """``prepared(*args)``, a unit with compiled loops (traced under
+        :func:`bilevel._runner.scanned_loops`), or ``None`` where it does not compile (now or
+        before): the caller then does ``instead``, which a one-time warning names under
+        ``granularity="loop"`` (``"auto"`` takes the alternative silently)."""
         if is_failed(prepared.unit):
             return None
         try:
-            return prepared(*args)
+            with _runner.scanned_loops():
+                return prepared(*args)
         except UseAlternative as why:
             if self.loop == "loop" and not why.told:
                 warn_once(("unit", prepared.unit.key), f"bl.Compiled: could not compile {prepared.unit.name}: "
-                          f"{why.reason} Running chunks of {self.chunk} inner steps instead from now on.")
+                          f"{why.reason} {instead} from now on.")
             return None
 
     def hvp_yy(self, problem: BilevelProblem, hparams: dict, params: dict, batch: Any, mode: str) -> MatVec:
@@ -186,16 +194,8 @@ class Runner:
         prepared = Prepared(self, ("linear-loop", body), f"the {solver.iterations}-iteration loop of {solver!r} "
                             f"on the HVP of g={_name(matvec.problem.inner)}", body, args, problem=matvec.problem,
                             alternative=True)
-        if is_failed(prepared.unit):
-            return None
-        try:
-            with _runner.scanned_loops():
-                return LinearSolution(*prepared(*args))
-        except UseAlternative as why:
-            if not why.told:  # asked for by name: "auto" does not loop the linear solve
-                warn_once(("unit", prepared.unit.key), f"bl.Compiled: could not compile {prepared.unit.name}: "
-                          f"{why.reason} Applying the operator as one unit per product instead from now on.")
-            return None
+        out = self.try_loop_unit(prepared, args, "Applying the operator as one unit per product instead")
+        return None if out is None else LinearSolution(*out)
 
     def linear_solve(self, solver: AbstractLinearSolver, matvec: "_MatVec", b: dict,
                      x0: dict | None) -> LinearSolution:
@@ -268,8 +268,8 @@ class _LoopBody:
     Each pass runs step 1 of :func:`loop_run` on the carry (the loop state's tensors) and emits
     that step's loss and whether it was NaN/inf; the index of the first such step (numbered from
     ``pos``: ``offset = pos - 1``) and the loss at the start (``first``: ``pos == 0``) are put
-    back afterwards, as :class:`_ChunkBody` does. The carry goes in and out as fresh tensors
-    (``scan`` refuses a carry that aliases its inputs or itself, as ``loop_start``'s shared zero does).
+    back afterwards, as :class:`_ChunkBody` does (:func:`scan_loop` gives the carry fresh tensors:
+    ``loop_start``'s shared zero would alias it).
     """
 
     solver: AbstractInnerSolver
@@ -277,18 +277,12 @@ class _LoopBody:
 
     def __call__(self, problem: BilevelProblem, loop: LoopState, hparams: dict, batch: Any, offset: Tensor,
                  first: Tensor) -> LoopState:
-        tensors, spec = tree_flatten(loop)
-
-        def one_step(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
-            state = tree_unflatten(carry, spec)
+        def one_step(state: LoopState) -> tuple[LoopState, tuple[Tensor, Tensor]]:
             grad_fn, losses = _recording_grad_fn(problem, hparams, batch)
             out = loop_run(self.solver, state._replace(bad_step=torch.full_like(state.bad_step, -1)), grad_fn, 1, 2)
-            bad = out.bad_step >= 0
-            out = out._replace(bad_step=state.bad_step)
-            return [t.clone() for t in tree_flatten(out)[0]], (losses[0].clone(), bad)
+            return out._replace(bad_step=state.bad_step), (losses[0].clone(), out.bad_step >= 0)
 
-        carry, (losses, bad) = _scan(one_step, [t.clone() for t in tensors], torch.zeros(self.n, device=offset.device))
-        out = tree_unflatten(carry, spec)
+        out, (losses, bad) = scan_loop(one_step, loop, self.n)
         first_bad = torch.argmax(bad.to(torch.uint8)) + offset + 1  # argmax: the first maximum
         new_bad = torch.where((loop.bad_step < 0) & bad.any(), first_bad, loop.bad_step)
         return out._replace(bad_step=new_bad, loss0=torch.where(first, losses[0], loop.loss0))
@@ -309,19 +303,29 @@ class _LinearLoopBody:
         return sol.value, sol.steps, sol.residual, sol.code, sol.num_hvp, sol.info
 
 
-def scanned(step: Callable[[Any], Any], carry: Any, n: int) -> Any:
-    """``carry = step(carry)``, ``n`` times, as torch's ``scan`` over one ``step`` (traced and
-    compiled once, whatever ``n``): ``carry`` is a tree of tensors that ``step`` maps to a tree of
-    the same structure, dtypes and shapes. The carry goes in and out as fresh tensors (``scan``
-    refuses a carry that aliases its inputs or itself)."""
+def scan_loop(step: Callable[[Any], tuple[Any, Any]], carry: Any, n: int) -> tuple[Any, Any]:
+    """``carry, y_k = step(carry)`` for ``k < n`` as torch's ``scan`` over one ``step`` (traced and
+    compiled once, whatever ``n``): ``(last carry, ys stacked along a new first dimension)``.
+    ``carry`` is a tree of tensors that ``step`` maps to a tree of the same structure, dtypes and
+    shapes. The carry goes in and out as fresh tensors (``scan`` refuses a carry that aliases its
+    inputs or itself)."""
     tensors, spec = tree_flatten(carry)
 
-    def one(flat: list[Tensor], _: Tensor) -> tuple[list[Tensor], Tensor]:
-        out = [t.clone() for t in tree_flatten(step(tree_unflatten(flat, spec)))[0]]
-        return out, out[-1].new_zeros(())
+    def one(flat: list[Tensor], _: Tensor) -> tuple[list[Tensor], Any]:
+        new, ys = step(tree_unflatten(flat, spec))
+        return [t.clone() for t in tree_flatten(new)[0]], ys
 
-    tensors, _ = _scan(one, [t.clone() for t in tensors], torch.zeros(n, device=tensors[0].device))
-    return tree_unflatten(tensors, spec)
+    tensors, ys = _scan(one, [t.clone() for t in tensors], torch.zeros(n, device=tensors[0].device))
+    return tree_unflatten(tensors, spec), ys
+
+
+def scanned(step: Callable[[Any], Any], carry: Any, n: int) -> Any:
+    """``carry = step(carry)``, ``n`` times, as one compiled loop (:func:`scan_loop`)."""
+    def with_y(c: Any) -> tuple[Any, Tensor]:
+        new = step(c)
+        return new, tree_flatten(new)[0][-1].new_zeros(())  # scan wants an output per pass
+
+    return scan_loop(with_y, carry, n)[0]
 
 
 def scanned_steps(solver: AbstractInnerSolver, loop: LoopState, grad_fn: Callable, start: int,

@@ -18,7 +18,7 @@ from ..estimators import AID, IMAML, FirstOrder, Reptile
 from ._primitives import CompiledLinearSolver, Prepared, Runner, _scan
 from ._fallback import warn_once
 from ._trees import tensors_of
-from ._unit import Options, UseAlternative, is_failed, plain_call
+from ._unit import Options, plain_call
 
 Granularity = Literal["auto", "loop", "step", "chunk", "solve", "estimator"]
 _GRANULARITIES = ("auto", "loop", "step", "chunk", "solve", "estimator")
@@ -203,12 +203,7 @@ class Compiled(AbstractEstimator):
                 return self._runner.call(("estimator", estimator), name, whole, args, problem=problem)
             prepared = Prepared(self._runner, ("estimator-looped", estimator), f"{name}, its loops compiled as loops",
                                 whole, args, problem=problem, alternative=True)
-            if is_failed(prepared.unit):
-                return None
-            with _runner.scanned_loops():
-                return prepared(*args)
-        except UseAlternative:  # silently: "auto" goes on with a unit per primitive
-            return None
+            return self._runner.try_loop_unit(prepared, args, "Running a unit per primitive instead")
         finally:
             _KEEP_PARAMS.reset(token)
 
